@@ -487,7 +487,8 @@ class ImageTextFile:
     """(image, caption) pairs listed in a .csv or .tsv file (a header row names the fields) or a .jsonl file (one
     JSON object per line). Rows are validated when the file is read; images are opened lazily by `ds[i]`.
     Image paths are relative to `image_root`, or else to the listing file's folder. With skip_bad=True a bad row is
-    dropped and a bad image makes `ds[i]` return None; every skip is appended to `ds.skipped`."""
+    dropped and a bad image makes `ds[i]` return None; every skip is appended to `ds.skipped` (inside DataLoader
+    workers that list is the worker's copy: count the None samples in the collate function instead)."""
     FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None}  # extension -> column delimiter (None: JSON lines)
 
     def __init__(self, path, image_root=None, image_field: str = "image", caption_field: str = "caption",
