@@ -1,0 +1,1019 @@
+"""Florence-2 from scratch: one sequence-to-sequence model for every vision task.
+
+Florence-2 (Xiao et al., 2023) turns captioning, detection, grounding, segmentation and OCR into one
+problem: read an image and a task prompt, write the answer as text. Boxes and polygons are written with
+1,000 extra "coordinate" tokens <loc_0>..<loc_999>, so a single cross-entropy loss and a single decoder
+serve every task. The file follows the paper's Figure 2 from left to right:
+
+  1. configs           dataclasses and the named sizes (toy, base = 231.4M, large = 770M)
+  2. DaViT             the image encoder: conv embeddings, window attention and channel-group attention
+  3. image tokens      2D position + temporal embeddings, a spatial-mean token, projection to the text width
+  4. BART              the post-LN transformer encoder-decoder with a key/value cache
+  5. Florence2         image tokens in front of the prompt, the forward pass, greedy and beam search
+  6. released weights  a safetensors reader and the name map for the transformers-native checkpoints
+  7. tokenizer         BART's byte-level BPE on tiktoken, with the coordinate and task tokens
+  8. tasks             the coordinate vocabulary, the task prompts, and parsing answers back into boxes
+"""
+import json
+import math
+import os
+import re
+import struct
+import sys
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Configs
+
+
+@dataclass
+class DaViTConfig:
+    in_channels: int = 3
+    depths: tuple = (1, 1, 9, 1)  # blocks per stage; each block = one spatial + one channel attention block
+    embed_dims: tuple = (128, 256, 512, 1024)  # channels per stage
+    num_heads: tuple = (4, 8, 16, 32)  # heads of the spatial window attention
+    num_groups: tuple = (4, 8, 16, 32)  # channel groups of the channel attention
+    patch_size: tuple = (7, 3, 3, 3)  # conv embedding kernels: 7x7 stride 4, then 3x3 stride 2 (CvT style)
+    patch_stride: tuple = (4, 2, 2, 2)
+    patch_padding: tuple = (3, 1, 1, 1)
+    patch_prenorm: tuple = (False, True, True, True)  # LayerNorm before (True) or after the conv embedding
+    window_size: int = 12  # spatial attention window; maps the window does not divide are padded
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.1  # stochastic depth, rising linearly over all blocks
+
+
+@dataclass
+class Florence2Config:
+    vision: DaViTConfig = field(default_factory=DaViTConfig)
+    image_size: int = 768  # images are resized to image_size x image_size: (768/32)^2 + 1 = 577 image tokens
+    max_image_positions: int = 50  # learned 2D position table: the feature map may be up to 50 x 50
+    max_temporal_embeddings: int = 100  # sinusoid table of frame positions (a single image is frame 0)
+    vocab_size: int = 51289  # BART's 50,265 + 1,000 <loc_*> + 24 task/markup tokens
+    d_model: int = 768  # text width; the image tokens are projected to it
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    encoder_heads: int = 12
+    decoder_heads: int = 12
+    encoder_ffn_dim: int = 3072
+    decoder_ffn_dim: int = 3072
+    max_position_embeddings: int = 1024  # learned positions of encoder (image + prompt) and decoder sequences
+    activation: str = "gelu"
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    scale_embedding: bool = False  # multiply token embeddings by sqrt(d_model) (off in Florence-2)
+    pad_token_id: int = 1
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+    decoder_start_token_id: int = 2  # BART starts decoding from </s>
+    forced_bos_token_id: int = 0  # generation writes <s> first ...
+    forced_eos_token_id: int = 2  # ... and </s> when it reaches the length limit
+
+
+CONFIGS = {
+    # CPU-sized: 192 px -> a 6 x 6 map -> 37 image tokens; vocab_size is set from the tokenizer in use.
+    "toy": Florence2Config(
+        vision=DaViTConfig(depths=(1, 1, 1, 1), embed_dims=(32, 64, 96, 128), num_heads=(1, 2, 3, 4),
+                           num_groups=(1, 2, 3, 4), window_size=6, drop_path_rate=0.0),
+        image_size=192, vocab_size=1400, d_model=128, encoder_layers=2, decoder_layers=2, encoder_heads=4,
+        decoder_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512, max_position_embeddings=512),
+    # Florence-2-base: DaViT 90.4M + projection 0.8M + BART-base 140.2M = 231.4M parameters.
+    "base": Florence2Config(),
+    # Florence-2-large: DaViT 360.6M + projection 2.2M + BART-large 407.3M = 770.2M parameters
+    # (max_position_embeddings 1024, as in the released checkpoint).
+    "large": Florence2Config(
+        vision=DaViTConfig(embed_dims=(256, 512, 1024, 2048), num_heads=(8, 16, 32, 64), num_groups=(8, 16, 32, 64),
+                           drop_path_rate=0.1),
+        d_model=1024, encoder_layers=12, decoder_layers=12, encoder_heads=16, decoder_heads=16,
+        encoder_ffn_dim=4096, decoder_ffn_dim=4096),
+}
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
+
+# ----------------------------------------------------------------------------------------------------
+# 2. DaViT (Ding et al., 2022): stages of conv embedding, then blocks that alternate attention over the
+# tokens of a local window ("spatial") with attention over the channels of the whole image ("channel").
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch for a whole sample, rescale the kept ones."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype) >= self.p
+        return x * keep / (1 - self.p)
+
+
+def norm_2d(norm, x):
+    """LayerNorm over the channels of a (B, C, H, W) map."""
+    return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+
+
+class ConvEmbed(nn.Module):
+    """Overlapping strided conv that starts a stage. Stage 1 normalises after the conv; later stages
+    normalise the incoming map first (the output of the previous stage has no final norm)."""
+
+    def __init__(self, c_in, c_out, kernel, stride, padding, pre_norm):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel, stride, padding)
+        self.norm = nn.LayerNorm(c_in if pre_norm else c_out)
+        self.pre_norm = pre_norm
+
+    def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, H / stride, W / stride)
+        if self.pre_norm:
+            return self.conv(norm_2d(self.norm, x))
+        return norm_2d(self.norm, self.conv(x))
+
+
+class FFN(nn.Module):
+    """The transformer MLP: Linear, activation, (dropout), Linear. Shared by DaViT and BART."""
+
+    def __init__(self, dim, hidden, activation=F.gelu, dropout=0.0):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.activation, self.dropout = activation, dropout
+
+    def forward(self, x):
+        return self.fc2(F.dropout(self.activation(self.fc1(x)), self.dropout, self.training))
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside non-overlapping w x w windows (no shift, no relative bias: the
+    conv position encodings carry position). Maps the window does not divide are zero-padded at the
+    bottom/right; the padded tokens take part in attention, as in the reference DaViT."""
+
+    def __init__(self, dim, heads, window, qkv_bias):
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, H, W):  # x: (B, H*W, C)
+        B, N, C = x.shape
+        w, h = self.window, self.heads
+        x = F.pad(x.view(B, H, W, C), (0, 0, 0, -W % w, 0, -H % w))  # (B, Hp, Wp, C)
+        Hp, Wp = x.shape[1], x.shape[2]
+        x = x.view(B, Hp // w, w, Wp // w, w, C).transpose(2, 3).reshape(-1, w * w, C)  # (B*nW, w*w, C)
+        q, k, v = self.qkv(x).view(-1, w * w, 3, h, C // h).permute(2, 0, 3, 1, 4)  # 3 x (B*nW, h, w*w, C/h)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B*nW, h, w*w, C/h)
+        x = self.proj(x.transpose(1, 2).reshape(-1, w * w, C))  # (B*nW, w*w, C)
+        x = x.view(B, Hp // w, Wp // w, w, w, C).transpose(2, 3).reshape(B, Hp, Wp, C)  # windows -> map
+        return x[:, :H, :W].reshape(B, N, C)  # drop the padding: (B, H*W, C)
+
+
+class ChannelAttention(nn.Module):
+    """Channel-group attention: within each group of C/G channels, every channel attends to every other,
+    comparing the channels as N-dimensional vectors over all N positions. The attention map is (C/G)^2
+    whatever the image size, and it sees the whole image at once (global context at linear cost)."""
+
+    def __init__(self, dim, groups, qkv_bias):
+        super().__init__()
+        self.groups = groups
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, H, W):  # x: (B, N, C)
+        B, N, C = x.shape
+        G = self.groups
+        q, k, v = self.qkv(x).view(B, N, 3, G, C // G).permute(2, 0, 3, 4, 1)  # 3 x (B, G, C/G, N)
+        # channels are the "tokens" and positions their features, so the softmax scale is N^-0.5
+        x = F.scaled_dot_product_attention(q, k, v, scale=N ** -0.5)  # (B, G, C/G, N)
+        return self.proj(x.permute(0, 3, 1, 2).reshape(B, N, C))  # (B, N, G, C/G) -> (B, N, C)
+
+
+class MixerBlock(nn.Module):
+    """Half of a DaViT block: a depthwise 3x3 conv position encoding, pre-LN attention (window or channel),
+    another conv position encoding, pre-LN FFN. Each step is residual."""
+
+    def __init__(self, dim, attn, mlp_ratio, drop_path):
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = attn
+        self.conv2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = FFN(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):  # (B, C, H, W)
+        B, C, H, W = x.shape
+        x = x + self.conv1(x)
+        t = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        t = t + self.drop_path(self.attn(self.norm1(t), H, W))
+        x = t.transpose(1, 2).reshape(B, C, H, W)
+        x = x + self.conv2(x)
+        t = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        t = t + self.drop_path(self.ffn(self.norm2(t)))
+        return t.transpose(1, 2).reshape(B, C, H, W)
+
+
+class DaViTBlock(nn.Module):
+    def __init__(self, cfg, stage, drop_spatial, drop_channel):
+        super().__init__()
+        dim = cfg.embed_dims[stage]
+        window = WindowAttention(dim, cfg.num_heads[stage], cfg.window_size, cfg.qkv_bias)
+        channel = ChannelAttention(dim, cfg.num_groups[stage], cfg.qkv_bias)
+        self.spatial_block = MixerBlock(dim, window, cfg.mlp_ratio, drop_spatial)
+        self.channel_block = MixerBlock(dim, channel, cfg.mlp_ratio, drop_channel)
+
+    def forward(self, x):
+        return self.channel_block(self.spatial_block(x))
+
+
+class DaViT(nn.Module):
+    def __init__(self, cfg: DaViTConfig):
+        super().__init__()
+        n = len(cfg.embed_dims)
+        if not all(len(t) == n for t in (cfg.depths, cfg.num_heads, cfg.num_groups, cfg.patch_size,
+                                          cfg.patch_stride, cfg.patch_padding, cfg.patch_prenorm)):
+            raise ValueError(f"every per-stage tuple of DaViTConfig needs {n} entries: {cfg}")
+        drop = torch.linspace(0, cfg.drop_path_rate, 2 * sum(cfg.depths), device="cpu").tolist()  # per half-block
+        self.convs, self.blocks = nn.ModuleList(), nn.ModuleList()
+        for s in range(n):
+            c_in = cfg.in_channels if s == 0 else cfg.embed_dims[s - 1]
+            self.convs.append(ConvEmbed(c_in, cfg.embed_dims[s], cfg.patch_size[s], cfg.patch_stride[s],
+                                        cfg.patch_padding[s], cfg.patch_prenorm[s]))
+            first = 2 * sum(cfg.depths[:s])
+            self.blocks.append(nn.ModuleList(DaViTBlock(cfg, s, drop[first + 2 * i], drop[first + 2 * i + 1])
+                                             for i in range(cfg.depths[s])))
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, C_last, H/32, W/32)
+        for conv, stage in zip(self.convs, self.blocks):
+            x = conv(x)
+            for block in stage:
+                x = block(x)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Image tokens (paper Sec. 3: "visual token embeddings ... concatenated with the text embeddings")
+
+
+def sinusoid_table(positions, dim):
+    """Transformer sinusoids with sin on even and cos on odd channels: (positions, dim)."""
+    freq = torch.exp(torch.arange(dim // 2, dtype=torch.float32) * -(math.log(10000.0) / (dim // 2)))
+    angle = torch.arange(positions, dtype=torch.float32)[:, None] * freq[None]  # (positions, dim/2)
+    return torch.stack([angle.sin(), angle.cos()], dim=-1).reshape(positions, dim)  # interleave sin, cos
+
+
+class ImageProjection(nn.Module):
+    """DaViT map -> image tokens: add a learned 2D position embedding (half the channels index the column,
+    half the row) and the temporal embedding of frame 0, prepend the spatial mean as a global token,
+    then project to the text width and LayerNorm."""
+
+    def __init__(self, cfg: Florence2Config):
+        super().__init__()
+        C = cfg.vision.embed_dims[-1]
+        self.col_embed = nn.Embedding(cfg.max_image_positions, C - C // 2)
+        self.row_embed = nn.Embedding(cfg.max_image_positions, C // 2)
+        self.register_buffer("temporal_embed", sinusoid_table(cfg.max_temporal_embeddings, C), persistent=False)
+        self.proj = nn.Linear(C, cfg.d_model, bias=False)
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, feats):  # (B, C, H, W) -> (B, 1 + H*W, d_model)
+        B, C, H, W = feats.shape
+        if max(H, W) > self.row_embed.num_embeddings:
+            raise ValueError(f"a {H}x{W} feature map exceeds the {self.row_embed.num_embeddings}x"
+                             f"{self.row_embed.num_embeddings} position table: use a smaller image")
+        pos = torch.cat([self.col_embed.weight[:W][None].expand(H, W, -1),  # (H, W, C - C//2)
+                         self.row_embed.weight[:H][:, None].expand(H, W, -1)], dim=-1)  # (H, W, C)
+        x = feats.flatten(2).transpose(1, 2) + pos.reshape(1, H * W, C)  # (B, H*W, C)
+        x = x + self.temporal_embed[0]  # an image is frame 0 of a one-frame video
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, 1 + H*W, C)
+        return self.norm(self.proj(x))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. BART (Lewis et al., 2020): post-LN encoder-decoder, learned positions, tied embeddings
+
+
+class Attention(nn.Module):
+    """Multi-head attention. `cache` is a dict owned by one layer during generation: self-attention
+    appends each step's keys/values to it (it grows by one position per step); cross-attention fills it
+    once from the encoder output and reuses it for every later step."""
+
+    def __init__(self, dim, heads, dropout):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.v_proj, self.out_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def split(self, x):  # (B, T, d) -> (B, heads, T, d/heads)
+        return x.view(x.shape[0], x.shape[1], self.heads, -1).transpose(1, 2)
+
+    def forward(self, x, source=None, mask=None, is_causal=False, cache=None):
+        """x (B, T, d) attends to source (B, S, d), or to itself when source is None.
+        mask: bool, broadcastable to (B, heads, T, S), True where attending is allowed."""
+        B, T, d = x.shape
+        q = self.split(self.q_proj(x))
+        if source is not None and cache is not None and "k" in cache:
+            k, v = cache["k"], cache["v"]
+        else:
+            kv = x if source is None else source
+            k, v = self.split(self.k_proj(kv)), self.split(self.v_proj(kv))  # (B, heads, S, d/heads)
+            if cache is not None:
+                if source is None and "k" in cache:
+                    k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+                cache["k"], cache["v"] = k, v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, heads, T, d/h)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, d))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.self_attn = Attention(cfg.d_model, cfg.encoder_heads, cfg.attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.ffn = FFN(cfg.d_model, cfg.encoder_ffn_dim, ACTIVATIONS[cfg.activation], cfg.activation_dropout)
+        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, mask):  # post-LN: normalise after each residual sum
+        x = self.self_attn_layer_norm(x + F.dropout(self.self_attn(x, mask=mask), self.dropout, self.training))
+        return self.final_layer_norm(x + F.dropout(self.ffn(x), self.dropout, self.training))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.self_attn = Attention(cfg.d_model, cfg.decoder_heads, cfg.attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.encoder_attn = Attention(cfg.d_model, cfg.decoder_heads, cfg.attention_dropout)
+        self.encoder_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.ffn = FFN(cfg.d_model, cfg.decoder_ffn_dim, ACTIVATIONS[cfg.activation], cfg.activation_dropout)
+        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, memory, memory_mask, self_mask, is_causal, cache):
+        drop = lambda y: F.dropout(y, self.dropout, self.training)  # noqa: E731
+        y = self.self_attn(x, mask=self_mask, is_causal=is_causal, cache=cache and cache["self"])
+        x = self.self_attn_layer_norm(x + drop(y))
+        y = self.encoder_attn(x, source=memory, mask=memory_mask, cache=cache and cache["cross"])
+        x = self.encoder_attn_layer_norm(x + drop(y))
+        return self.final_layer_norm(x + drop(self.ffn(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        # BART reserves position ids 0 and 1 (a fairseq legacy), so position p uses row p + 2
+        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + 2, cfg.d_model)
+        self.layernorm_embedding = nn.LayerNorm(cfg.d_model)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.dropout = cfg.dropout
+
+    def forward(self, x, mask):  # x: (B, S, d) embeddings; mask: (B, S) bool, False at padding
+        S = x.shape[1]
+        if S > self.embed_positions.num_embeddings - 2:
+            raise ValueError(f"encoder input of {S} tokens (image + prompt) exceeds max_position_embeddings="
+                             f"{self.embed_positions.num_embeddings - 2}")
+        x = self.layernorm_embedding(x + self.embed_positions(torch.arange(S, device=x.device) + 2))
+        x = F.dropout(x, self.dropout, self.training)
+        attn_mask = None if bool(mask.all()) else mask[:, None, None, :]  # (B, 1, 1, S)
+        for layer in self.layers:
+            x = layer(x, attn_mask)
+        return x
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + 2, cfg.d_model)
+        self.layernorm_embedding = nn.LayerNorm(cfg.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        self.dropout = cfg.dropout
+
+    def forward(self, x, memory, memory_mask, cache=None):
+        """x: (B, T, d) embeddings of the next T target tokens; memory: (B, S, d) encoder output;
+        memory_mask: (B, S) bool; cache: list of per-layer dicts from Florence2.new_cache(), or None."""
+        T = x.shape[1]
+        past = cache[0]["self"]["k"].shape[2] if cache and "k" in cache[0]["self"] else 0
+        if past + T > self.embed_positions.num_embeddings - 2:
+            raise ValueError(f"decoder sequence of {past + T} tokens exceeds max_position_embeddings="
+                             f"{self.embed_positions.num_embeddings - 2}")
+        x = self.layernorm_embedding(x + self.embed_positions(torch.arange(past, past + T, device=x.device) + 2))
+        x = F.dropout(x, self.dropout, self.training)
+        # causal: token t sees the cached past and new tokens up to itself (no mask needed for one new token)
+        self_mask = None
+        if past and T > 1:
+            self_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)  # (T, past+T)
+        memory_mask = None if bool(memory_mask.all()) else memory_mask[:, None, None, :]  # (B, 1, 1, S)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, memory, memory_mask, self_mask, past == 0 and T > 1, cache and cache[i])
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Florence-2: image tokens + prompt tokens -> encoder; decoder writes the answer
+
+
+class Florence2(nn.Module):
+    def __init__(self, cfg: Florence2Config):
+        super().__init__()
+        if cfg.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {cfg.activation!r} not in {sorted(ACTIVATIONS)}")
+        self.cfg = cfg
+        self.vision_tower = DaViT(cfg.vision)
+        self.projector = ImageProjection(cfg)
+        # one token embedding for encoder, decoder and (tied) output layer
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            nn.init.zeros_(m.weight[m.padding_idx])
+
+    def encode(self, pixel_values, input_ids, attention_mask=None):
+        """Encode image + prompt. pixel_values (B, 3, H, W) normalised; input_ids (B, T) = <s> prompt </s>
+        (right-padded in a batch); attention_mask (B, T), default input_ids != pad.
+        Returns memory (B, S, d) and its mask (B, S) bool, S = image tokens + T."""
+        if attention_mask is None:
+            attention_mask = input_ids != self.cfg.pad_token_id
+        image = self.projector(self.vision_tower(pixel_values.to(self.projector.proj.weight.dtype)))
+        text = self.embed_tokens(input_ids) * self.embed_scale  # (B, T, d)
+        x = torch.cat([image.to(text.dtype), text], dim=1)  # (B, n_image + T, d)
+        image_mask = torch.ones(image.shape[:2], dtype=torch.bool, device=x.device)
+        mask = torch.cat([image_mask, attention_mask.bool()], dim=1)  # (B, n_image + T)
+        return self.encoder(x, mask), mask
+
+    def decode(self, decoder_input_ids, memory, memory_mask, cache=None):
+        """Logits (B, T, vocab) for the next token after each decoder input token."""
+        x = self.decoder(self.embed_tokens(decoder_input_ids) * self.embed_scale, memory, memory_mask, cache)
+        return F.linear(x, self.embed_tokens.weight)  # tied output layer
+
+    def forward(self, pixel_values, input_ids, decoder_input_ids, attention_mask=None):
+        """Teacher-forced logits (B, T_dec, vocab). decoder_input_ids = </s> <s> answer... (the answer shifted
+        right behind decoder_start_token_id)."""
+        memory, mask = self.encode(pixel_values, input_ids, attention_mask)
+        return self.decode(decoder_input_ids, memory, mask)
+
+    def new_cache(self):
+        return [{"self": {}, "cross": {}} for _ in self.decoder.layers]
+
+    # -- generation --------------------------------------------------------------------------------
+    # Greedy and beam search follow the transformers library's rules exactly (same stopping rule, same
+    # length penalty, same tie order), so the released weights give the released outputs.
+
+    @torch.no_grad()
+    def generate(self, pixel_values, input_ids, attention_mask=None, max_new_tokens=256, num_beams=1,
+                 no_repeat_ngram_size=0, early_stopping=True, length_penalty=1.0):
+        """Returns (B, L) token ids starting with decoder_start_token_id; finished rows are padded with pad.
+        early_stopping: True (stop once num_beams hypotheses are done), False (stop when no running beam
+        can beat them, judged at the current length) or "never" (judged at the maximum length)."""
+        cfg = self.cfg
+        max_len = 1 + max_new_tokens  # the decoder start token + new tokens
+        if max_new_tokens < 1 or max_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_new_tokens must be in [1, {cfg.max_position_embeddings - 1}], got {max_new_tokens}")
+        if num_beams < 1 or early_stopping not in (True, False, "never"):
+            raise ValueError(f"need num_beams >= 1 and early_stopping in (True, False, 'never'), got "
+                             f"{num_beams}, {early_stopping!r}")
+        memory, mask = self.encode(pixel_values, input_ids, attention_mask)
+        memory, mask = memory.repeat_interleave(num_beams, 0), mask.repeat_interleave(num_beams, 0)  # beams of a row
+
+        def next_logprobs(seqs, cache):  # seqs (N, L) so far -> constrained log-probs (N, vocab) of token L
+            logits = self.decode(seqs[:, -1:], memory, mask, cache)[:, -1].float()
+            return self._constrain(seqs, F.log_softmax(logits, dim=-1), max_len, no_repeat_ngram_size)
+
+        B = input_ids.shape[0]
+        if num_beams == 1:
+            return self._greedy(next_logprobs, B, max_len, memory.device)
+        return self._beam_search(next_logprobs, B, num_beams, max_len, length_penalty, early_stopping, memory.device)
+
+    def _constrain(self, seqs, logprobs, max_len, ngram):
+        """Decoding rules, in transformers' order: never repeat an n-gram; <s> first; </s> at the limit."""
+        L = seqs.shape[1]
+        if ngram and L >= ngram:
+            windows = seqs.unfold(1, ngram, 1)  # (N, L-n+1, n): every n-gram so far
+            seen = (windows[..., :-1] == seqs[:, None, L - ngram + 1:]).all(-1)  # starts like the current (n-1)-gram
+            rows, cols = seen.nonzero(as_tuple=True)
+            logprobs[rows, windows[rows, cols, -1]] = -math.inf
+        for forced, at in ((self.cfg.forced_bos_token_id, 1), (self.cfg.forced_eos_token_id, max_len - 1)):
+            if forced is not None and L == at:
+                logprobs = torch.full_like(logprobs, -math.inf)
+                logprobs[:, forced] = 0.0
+        return logprobs
+
+    def _greedy(self, next_logprobs, B, max_len, device):
+        cfg = self.cfg
+        seqs = torch.full((B, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        cache = self.new_cache()
+        while seqs.shape[1] < max_len and not done.all():
+            token = next_logprobs(seqs, cache).argmax(-1).masked_fill(done, cfg.pad_token_id)  # (B,)
+            seqs = torch.cat([seqs, token[:, None]], dim=1)
+            done |= token == cfg.eos_token_id
+        return seqs
+
+    def _beam_search(self, next_logprobs, B, nb, max_len, length_penalty, early_stopping, device):
+        """Keep nb running hypotheses per row. Each step expands them all, keeps the 2*nb best candidates
+        (so nb can go on even if nb of them just ended), moves the ended ones among the top nb into the
+        finished pool (score / length^length_penalty) and continues with the nb best that did not end."""
+        cfg, K, NEG = self.cfg, 2 * nb, -1.0e9
+        seqs = torch.full((B, nb, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
+        scores = torch.zeros(B, nb, device=device)
+        scores[:, 1:] = NEG  # the beams start identical: only the first may expand at step one
+        done_seqs = torch.full((B, nb, max_len), cfg.pad_token_id, dtype=torch.long, device=device)
+        done_scores = torch.full((B, nb), NEG, device=device)
+        done_len = torch.zeros(B, nb, dtype=torch.long, device=device)
+        is_done = torch.zeros(B, nb, dtype=torch.bool, device=device)
+        improvable = torch.ones(B, 1, dtype=torch.bool, device=device)  # could a running beam still win?
+        top_nb = torch.arange(K, device=device) < nb
+        offsets = torch.arange(B, device=device)[:, None] * nb
+        cache = self.new_cache()
+        for L in range(1, max_len):
+            logprobs = next_logprobs(seqs.view(B * nb, L), cache)  # (B*nb, V)
+            V = logprobs.shape[-1]
+            total = (logprobs.view(B, nb, V) + scores[..., None]).view(B, nb * V)
+            cand_scores, cand = total.topk(K)  # (B, K), best first
+            parent, token = cand // V, cand % V
+            cand_seqs = torch.cat([seqs.gather(1, parent[..., None].expand(-1, -1, L)), token[..., None]], -1)  # (B, K, L+1)
+            ended = (token == cfg.eos_token_id) | (L + 1 >= max_len)
+            # candidates that ended may not run on: the nb best of the rest continue
+            alive = cand_scores + ended.float() * NEG
+            keep = alive.topk(nb).indices  # (B, nb)
+            seqs = cand_seqs.gather(1, keep[..., None].expand(-1, -1, L + 1))
+            scores, parent = alive.gather(1, keep), parent.gather(1, keep)
+            # ended candidates among the top nb join the finished pool, if the pool can still change
+            new = cand_scores / (L ** length_penalty)  # L = generated tokens including the one just added
+            new = new + (is_done.all(-1, keepdim=True) & (early_stopping is True)).float() * NEG
+            new = new + (~improvable).float() * NEG
+            finished = ended & top_nb
+            new = new + (~finished).float() * NEG
+            pool_scores = torch.cat([done_scores, new], dim=1)  # (B, nb + K)
+            best = pool_scores.topk(nb).indices
+            pool_seqs = torch.cat([done_seqs, F.pad(cand_seqs, (0, max_len - L - 1), value=cfg.pad_token_id)], 1)
+            done_seqs = pool_seqs.gather(1, best[..., None].expand(-1, -1, max_len))
+            done_scores = pool_scores.gather(1, best)
+            done_len = torch.cat([done_len, torch.full_like(token, L)], 1).gather(1, best)
+            is_done = torch.cat([is_done, finished], 1).gather(1, best)
+            self._reorder_cache(cache, (parent + offsets).view(-1))
+            # stop when no row can improve, or every row holds nb finished hypotheses (early_stopping=True)
+            best_len = max_len - 1 if (early_stopping == "never" and length_penalty > 0) else L
+            best_running = scores[:, :1] / (best_len ** length_penalty)
+            worst_done = torch.where(is_done, done_scores.min(1, keepdim=True).values, NEG)
+            improvable &= (best_running > worst_done).any(-1, keepdim=True)
+            if not improvable.any() or (is_done.all() and early_stopping is True) or ended.all():
+                break
+        return done_seqs[:, 0, : 1 + int(done_len[:, 0].max())]
+
+    @staticmethod
+    def _reorder_cache(cache, index):
+        """Beam search moved hypotheses around: the self-attention cache follows its hypothesis. The
+        cross-attention keys/values are the same for all beams of a row, so they stay."""
+        for layer in cache:
+            layer["self"]["k"] = layer["self"]["k"].index_select(0, index)
+            layer["self"]["v"] = layer["self"]["v"].index_select(0, index)
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        """Load a Florence-2 checkpoint in the transformers library's native layout (config.json plus
+        model.safetensors or pytorch_model.bin). Returns the model in eval mode."""
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"checkpoint folder {folder!r} does not exist")
+        config_path = os.path.join(folder, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"no config.json in {folder!r}: expected a Florence-2 checkpoint folder")
+        with open(config_path) as f:
+            cfg = config_from_hf(json.load(f))
+        generation_path = os.path.join(folder, "generation_config.json")
+        if os.path.isfile(generation_path):  # as in transformers, it replaces the model config's decoding rules
+            with open(generation_path) as f:
+                gen = json.load(f)
+            cfg = replace(cfg, **{k: gen.get(k) for k in ("forced_bos_token_id", "forced_eos_token_id")})
+        model = cls(cfg)
+        model.load_state_dict(hf_state_dict_to_ours(load_checkpoint(folder), model.state_dict()))
+        return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Released weights: the transformers-native layout, read without extra dependencies
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """A .safetensors file is: 8-byte little-endian header length n, n bytes of JSON header
+    {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the raw buffers."""
+    if sys.byteorder != "little":
+        raise RuntimeError("read_safetensors assumes a little-endian machine")
+    with open(path, "rb") as f:
+        data = bytearray(os.path.getsize(path))
+        f.readinto(data)
+    if len(data) < 8:
+        raise ValueError(f"{path}: too short to be a safetensors file")
+    (n,) = struct.unpack("<Q", data[:8])
+    if 8 + n > len(data):
+        raise ValueError(f"{path}: header length {n} runs past the end of the file")
+    header = json.loads(data[8:8 + n])
+    header.pop("__metadata__", None)
+    tensors = {}
+    for name, info in header.items():
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
+        begin, end = info["data_offsets"]
+        count = math.prod(shape)
+        if end - begin != count * dtype.itemsize or 8 + n + end > len(data):
+            raise ValueError(f"{path}: tensor {name!r} has a bad byte range {begin}..{end}")
+        tensors[name] = (torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + begin).reshape(shape)
+                         if count else torch.empty(shape, dtype=dtype))
+    return tensors
+
+
+def load_checkpoint(folder):
+    safetensors, pickle = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(safetensors):
+        return read_safetensors(safetensors)
+    if os.path.isfile(pickle):
+        return torch.load(pickle, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder!r} holds neither model.safetensors nor pytorch_model.bin "
+                            f"(sharded checkpoints are not supported)")
+
+
+def config_from_hf(hf):
+    """Our config from a transformers Florence2Config dict (absent keys keep our base defaults)."""
+    if hf.get("model_type") != "florence2":
+        raise ValueError(f"config.json has model_type {hf.get('model_type')!r}, expected 'florence2' (the "
+                         f"transformers-native layout; the older trust_remote_code layout is not supported)")
+    v, t = hf.get("vision_config") or {}, hf.get("text_config") or {}
+    vision_keys = {"in_channels": "in_channels", "depths": "depths", "embed_dims": "embed_dim",
+                   "num_heads": "num_heads", "num_groups": "num_groups", "patch_size": "patch_size",
+                   "patch_stride": "patch_stride", "patch_padding": "patch_padding",
+                   "patch_prenorm": "patch_prenorm", "window_size": "window_size", "mlp_ratio": "mlp_ratio",
+                   "qkv_bias": "qkv_bias", "drop_path_rate": "drop_path_rate"}
+    text_keys = {"vocab_size": "vocab_size", "d_model": "d_model", "encoder_layers": "encoder_layers",
+                 "decoder_layers": "decoder_layers", "encoder_heads": "encoder_attention_heads",
+                 "decoder_heads": "decoder_attention_heads", "encoder_ffn_dim": "encoder_ffn_dim",
+                 "decoder_ffn_dim": "decoder_ffn_dim", "max_position_embeddings": "max_position_embeddings",
+                 "activation": "activation_function", "dropout": "dropout",
+                 "attention_dropout": "attention_dropout", "activation_dropout": "activation_dropout",
+                 "scale_embedding": "scale_embedding", "pad_token_id": "pad_token_id",
+                 "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
+                 "decoder_start_token_id": "decoder_start_token_id",
+                 "forced_bos_token_id": "forced_bos_token_id", "forced_eos_token_id": "forced_eos_token_id"}
+    vision = DaViTConfig(**{ours: tuple(v[k]) if isinstance(v[k], list) else v[k]
+                            for ours, k in vision_keys.items() if k in v})
+    cfg = Florence2Config(vision=vision, **{ours: t[k] for ours, k in text_keys.items() if k in t})
+    cfg = replace(cfg, max_image_positions=v.get("max_position_embeddings", cfg.max_image_positions),
+                  max_temporal_embeddings=v.get("max_temporal_embeddings", cfg.max_temporal_embeddings),
+                  forced_bos_token_id=t.get("forced_bos_token_id"),  # absent means "not forced"
+                  forced_eos_token_id=t.get("forced_eos_token_id"))
+    if v.get("projection_dim", cfg.d_model) != cfg.d_model:
+        raise ValueError(f"vision projection_dim {v['projection_dim']} != text d_model {cfg.d_model}")
+    return cfg
+
+
+# transformers name -> our name, applied in order
+HF_NAME_RULES = [
+    (r"^model\.vision_tower\.", "vision_tower."),
+    (r"\.(window|channel)_attn\.", ".attn."),
+    (r"^model\.multi_modal_projector\.image_projection\.", "projector.proj."),
+    (r"^model\.multi_modal_projector\.image_proj_norm\.", "projector.norm."),
+    (r"^model\.multi_modal_projector\.image_position_embed\.row_embeddings\.", "projector.row_embed."),
+    (r"^model\.multi_modal_projector\.image_position_embed\.column_embeddings\.", "projector.col_embed."),
+    (r"^model\.language_model\.shared\.", "embed_tokens."),
+    (r"^model\.language_model\.", ""),
+    (r"\.layers\.(\d+)\.fc([12])\.", r".layers.\1.ffn.fc\2."),
+]
+HF_TIED = ("lm_head.weight", "model.language_model.encoder.embed_tokens.weight",
+           "model.language_model.decoder.embed_tokens.weight")  # copies of the shared token embedding
+HF_DERIVED = ("model.multi_modal_projector.visual_temporal_embed.pos_idx_to_embed",)  # a fixed sinusoid table
+
+
+def hf_state_dict_to_ours(hf, ours):
+    out = {}
+    for name, tensor in hf.items():
+        if name in HF_DERIVED:
+            continue
+        if name in HF_TIED:
+            if "embed_tokens.weight" in out and not torch.equal(out["embed_tokens.weight"], tensor):
+                raise ValueError(f"{name} differs from the token embedding: untied heads are not supported")
+            out["embed_tokens.weight"] = tensor
+            continue
+        for pattern, repl in HF_NAME_RULES:
+            name = re.sub(pattern, repl, name)
+        out[name] = tensor
+    unexpected, missing = sorted(set(out) - set(ours)), sorted(set(ours) - set(out))
+    if unexpected or missing:
+        raise ValueError(f"checkpoint does not match the config: {len(unexpected)} unexpected keys "
+                         f"{unexpected[:5]}, {len(missing)} missing keys {missing[:5]}")
+    wrong = [f"{k}: {tuple(out[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items() if out[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"checkpoint shapes do not match the config: {wrong[:5]}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Tokenizer: BART's byte-level BPE (GPT-2's), run by tiktoken
+#
+# GPT-2 BPE works on bytes shown as printable characters (vocab.json keys) and applies merges.txt in
+# priority order. tiktoken instead merges the adjacent pair whose concatenation has the lowest rank, so
+# giving each single byte a rank below all merges, and the token made by merge i the rank 256 + i,
+# reproduces the merge order. Added tokens (<s>, </s>, <loc_17>, <OD>, ...) are cut out of the text first.
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def bytes_to_unicode():
+    """GPT-2's byte -> printable character map (printable Latin-1 bytes map to themselves)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
+class BartTokenizer:
+    def __init__(self, vocab, merges, added_tokens):
+        """vocab: {token string: id}; merges: [(left, right)] in priority order; added_tokens: list of
+        {"id", "content", "special", "lstrip", "rstrip"} matched literally before BPE."""
+        import tiktoken  # runtime dependency, imported here so the model code works without it
+
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        char_of = bytes_to_unicode()
+        unk = vocab.get("<unk>")
+        ranks, rank_to_id = {}, []
+        for b in range(256):
+            ranks[bytes([b])] = b
+            rank_to_id.append(vocab.get(char_of[b], unk))
+        for left, right in merges:
+            merged = bytes(byte_of[c] for c in left + right)
+            if merged not in ranks and left + right in vocab:  # a repeated merge never fires second
+                ranks[merged] = len(ranks)
+                rank_to_id.append(vocab[left + right])
+        self.bpe = tiktoken.Encoding("bart-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
+        self.rank_to_id = rank_to_id
+        self.id_to_bytes = {i: bytes(byte_of[c] for c in tok) for tok, i in vocab.items()
+                            if all(c in byte_of for c in tok)}
+        self.added = {t["content"]: t for t in added_tokens}
+        self.added_by_id = {t["id"]: t for t in added_tokens}
+        self.vocab_size = 1 + max([*vocab.values(), *self.added_by_id])
+        by_length = sorted(self.added, key=len, reverse=True)  # longest match first
+        self.added_pattern = re.compile("|".join(map(re.escape, by_length))) if by_length else None
+        ids = {t["content"]: t["id"] for t in added_tokens} | vocab
+        self.bos_token_id, self.eos_token_id = ids.get("<s>"), ids.get("</s>")
+        self.pad_token_id, self.unk_token_id = ids.get("<pad>"), unk
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        """From vocab.json + merges.txt (+ added_tokens.json), or from a tokenizer.json."""
+        path = lambda name: os.path.join(folder, name)  # noqa: E731
+        tokenizer_json = json.load(open(path("tokenizer.json"))) if os.path.isfile(path("tokenizer.json")) else None
+        if os.path.isfile(path("vocab.json")) and os.path.isfile(path("merges.txt")):
+            vocab = json.load(open(path("vocab.json"), encoding="utf-8"))
+            lines = open(path("merges.txt"), encoding="utf-8").read().split("\n")
+            merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+        elif tokenizer_json is not None:
+            vocab = tokenizer_json["model"]["vocab"]
+            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in tokenizer_json["model"]["merges"]]
+        else:
+            raise FileNotFoundError(f"{folder!r} holds neither vocab.json + merges.txt nor tokenizer.json")
+        added = {}
+        for name in ("<s>", "<pad>", "</s>", "<unk>", "<mask>"):  # BART's specials live in vocab.json
+            if name in vocab:
+                added[name] = {"id": vocab[name], "content": name, "special": True}
+        if os.path.isfile(path("added_tokens.json")):
+            for content, i in json.load(open(path("added_tokens.json"), encoding="utf-8")).items():
+                added.setdefault(content, {"id": i, "content": content, "special": False})
+        for t in (tokenizer_json or {}).get("added_tokens", []):  # carries the strip flags when present
+            added[t["content"]] = t
+        return cls(vocab, merges, list(added.values()))
+
+    def encode(self, text, add_special_tokens=True):
+        """Text -> ids; with add_special_tokens, wrapped as <s> ... </s> (the Florence-2 prompt form)."""
+        ids, start = [], 0
+        for m in self.added_pattern.finditer(text) if self.added_pattern else ():
+            tok = self.added[m.group()]
+            before = text[start:m.start()]
+            ids += self._bpe(before.rstrip() if tok.get("lstrip") else before)  # lstrip: eat spaces before
+            ids.append(tok["id"])
+            start = m.end()
+            if tok.get("rstrip"):  # eat spaces after
+                start += len(text[start:]) - len(text[start:].lstrip())
+        ids += self._bpe(text[start:])
+        return [self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids
+
+    def _bpe(self, chunk):
+        return [self.rank_to_id[r] for r in self.bpe.encode_ordinary(chunk)]
+
+    def decode(self, ids, skip_special_tokens=False):
+        text, buffer = [], bytearray()
+        for i in (ids.tolist() if torch.is_tensor(ids) else ids):
+            if i in self.added_by_id:
+                text.append(buffer.decode("utf-8", errors="replace"))
+                buffer.clear()
+                if not (skip_special_tokens and self.added_by_id[i].get("special")):
+                    text.append(self.added_by_id[i]["content"])
+            elif i in self.id_to_bytes:
+                buffer += self.id_to_bytes[i]
+            else:
+                raise ValueError(f"token id {i} is not in the vocabulary")
+        return "".join(text) + buffer.decode("utf-8", errors="replace")
+
+    def __call__(self, texts):
+        """A batch of prompts -> (input_ids, attention_mask), right-padded LongTensors."""
+        rows = [self.encode(t) for t in texts]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [self.pad_token_id] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. Tasks: the coordinate vocabulary, the prompts, and parsing answers back into structures
+#
+# A coordinate x in an image of width W becomes bin q = floor(x / (W / 1000)), clamped to [0, 999], and is
+# written as the token <loc_q>; it reads back as the bin centre (q + 0.5) * W / 1000. Boxes are
+# x0 y0 x1 y1, polygons and quads x0 y0 x1 y1 ..., always alternating x and y.
+
+NUM_BINS = 1000
+LOC_TOKENS = [f"<loc_{i}>" for i in range(NUM_BINS)]
+
+
+def _bin_sizes(n, image_size):  # (n,) float32: W/1000, H/1000, W/1000, ... for n alternating x, y values
+    W, H = image_size
+    return torch.tensor([W / NUM_BINS, H / NUM_BINS], dtype=torch.float32).repeat((n + 1) // 2)[:n]
+
+
+def quantize(coords, image_size):
+    """Pixel coordinates (..., 2k), alternating x and y, -> integer bins in [0, 999]."""
+    coords = torch.as_tensor(coords, dtype=torch.float32)
+    return (coords / _bin_sizes(coords.shape[-1], image_size)).floor().clamp(0, NUM_BINS - 1).long()
+
+
+def dequantize(bins, image_size):
+    """Bins (..., 2k), alternating x and y, -> float32 pixel coordinates at the bin centres."""
+    bins = torch.as_tensor(bins, dtype=torch.long)
+    return (bins + 0.5) * _bin_sizes(bins.shape[-1], image_size)
+
+
+def loc_text(coords, image_size):
+    """Pixel coordinates -> the target text "<loc_a><loc_b>..." a model learns to write."""
+    return "".join(LOC_TOKENS[q] for q in quantize(coords, image_size).flatten().tolist())
+
+
+# task token -> (prompt, answer format); "{input}" marks the tasks that take a phrase or a region
+TASKS = {
+    "<CAPTION>": ("What does the image describe?", "pure_text"),
+    "<DETAILED_CAPTION>": ("Describe in detail what is shown in the image.", "pure_text"),
+    "<MORE_DETAILED_CAPTION>": ("Describe with a paragraph what is shown in the image.", "pure_text"),
+    "<OD>": ("Locate the objects with category name in the image.", "description_with_bboxes"),
+    "<DENSE_REGION_CAPTION>": ("Locate the objects in the image, with their descriptions.", "description_with_bboxes"),
+    "<REGION_PROPOSAL>": ("Locate the region proposals in the image.", "bboxes"),
+    "<CAPTION_TO_PHRASE_GROUNDING>": ("Locate the phrases in the caption: {input}", "phrase_grounding"),
+    "<REFERRING_EXPRESSION_SEGMENTATION>": ("Locate {input} in the image with mask", "polygons"),
+    "<REGION_TO_SEGMENTATION>": ("What is the polygon mask of region {input}", "polygons"),
+    "<OPEN_VOCABULARY_DETECTION>": ("Locate {input} in the image.", "description_with_bboxes_or_polygons"),
+    "<REGION_TO_CATEGORY>": ("What is the region {input}?", "pure_text"),
+    "<REGION_TO_DESCRIPTION>": ("What does the region {input} describe?", "pure_text"),
+    "<REGION_TO_OCR>": ("What text is in the region {input}?", "pure_text"),
+    "<OCR>": ("What is the text in the image?", "pure_text"),
+    "<OCR_WITH_REGION>": ("What is the text in the image, with regions?", "ocr"),
+}
+
+
+def _check_task(task):
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+
+
+def task_prompt(task, text_input=None):
+    """The prompt text the encoder reads for a task, e.g. task_prompt("<OPEN_VOCABULARY_DETECTION>", "a red star").
+    Region inputs are written as loc tokens: task_prompt("<REGION_TO_CATEGORY>", loc_text(box, size))."""
+    _check_task(task)
+    prompt = TASKS[task][0]
+    if "{input}" not in prompt:
+        if text_input:
+            raise ValueError(f"{task} takes no text input, got {text_input!r}")
+        return prompt
+    if not text_input or not text_input.strip():
+        raise ValueError(f"{task} needs a text input (a phrase, or a region written as <loc_*> tokens)")
+    return prompt.format(input=text_input.strip())
+
+
+# Phrases that grounding never reports (the released post-processor's block list).
+BANNED_GROUNDING_PHRASES = frozenset({
+    "I", "a", "a group", "a set", "all", "an", "another", "any", "anybody", "anyone", "anything", "each",
+    "each other", "everybody", "everyone", "everything", "few", "he", "her", "hers", "herself", "him",
+    "himself", "his", "image", "images", "it", "its", "itself", "lots", "many", "me", "mine", "myself",
+    "nobody", "none", "one", "one another", "oneself", "other objects", "our", "ours", "ourselves",
+    "several", "she", "some", "somebody", "someone", "something", "that", "the", "the image", "their",
+    "theirs", "them", "themselves", "these", "they", "this", "those", "us", "we", "what", "which", "who",
+    "whom", "whose", "you", "your", "yours", "yourself", "yourselves"})
+
+_LOC = r"<loc_(\d+)>"
+_PHRASE_END = r"(?=<od>|</od>|<box>|</box>|<bbox>|</bbox>|<loc_"  # a phrase stops at markup or coordinates
+
+
+def _bins(text):
+    """All <loc_N> numbers in text. A malformed string may hold absurd numbers: cap them so nothing overflows."""
+    return [int(n) if len(n) <= 18 else 10 ** 18 for n in re.findall(_LOC, text)]
+
+
+def _points(bins, image_size):  # dequantized to integer pixels, as the released post-processor reports them
+    return dequantize(bins, image_size).int().tolist()
+
+
+def _strip_markers(text):
+    return text.replace("<s>", "").replace("</s>", "").replace("<pad>", "")
+
+
+def _parse_boxes(text, image_size, allow_empty_phrase=False, banned=frozenset()):
+    """"phrase<loc><loc><loc><loc>[<loc>x4 ...] phrase ..." -> [(phrase, [box, ...])]."""
+    text = _strip_markers(text)
+    chunks = re.findall(r"(?:<loc_\d+>){4,}" if allow_empty_phrase else r"[^<]+(?:<loc_\d+>){4,}", text)
+    out = []
+    for chunk in chunks:
+        chunk = chunk.replace("<ground>", "", 1).replace("<obj>", "", 1)
+        phrase = re.search(r"^\s*(.*?)" + _PHRASE_END + ")", chunk)
+        boxes = [_bins(m.group()) for m in re.finditer(_LOC * 4, chunk)]
+        if phrase is None or not boxes or phrase.group().strip() in banned:
+            continue
+        name = phrase.group().strip().encode("ascii", "ignore").decode("ascii")  # labels are kept ASCII
+        out.append((name, _points(boxes, image_size)))
+    return out
+
+
+def _parse_polygons(text, image_size, allow_empty_phrase=False):
+    """"phrase<loc>...<sep><loc>..." or "phrase<poly><loc>...</poly>..." -> [(phrase, [polygon, ...])];
+    one instance per <poly>...</poly>, polygons inside separated by <sep>."""
+    text = _strip_markers(text)
+    unit = r"(?:<loc_\d+>|<sep>|<poly>|</poly>){4,}"
+    chunks = re.findall(unit if allow_empty_phrase else r"[^<]+" + unit, text)
+    out = []
+    for chunk in chunks:
+        phrase = re.search(r"^\s*(.*?)" + _PHRASE_END + "|<poly>)", re.sub(r"^<loc_\d+>", "", chunk, count=1))
+        if phrase is None:
+            continue
+        if "<poly>" in chunk and "</poly>" in chunk:
+            instances = re.findall(r"<poly>(.*?)</poly>", chunk)
+        else:
+            instances = [chunk]
+        for instance in instances:
+            polygons = []
+            for m in re.finditer(r"((?:<loc_\d+>)+)(?:<sep>|$)", instance):
+                bins = _bins(m.group(1))
+                polygons.append(_points(bins[: len(bins) // 2 * 2], image_size))  # drop an unpaired x
+            if polygons:
+                out.append((phrase.group().strip(), polygons))
+    return out
+
+
+def _parse_ocr(text, image_size):
+    """"text<loc>x8 text<loc>x8 ..." -> [(text, quad)]; a quad is 4 corner points x, y."""
+    matches = re.finditer(r"(.+?)" + _LOC * 8, _strip_markers(text))
+    return [(m.group(1).strip(), _points(_bins(m.group()[len(m.group(1)):]), image_size)) for m in matches]
+
+
+def post_process(text, task, image_size):
+    """Parse a generated answer (decoded with special tokens kept) into the task's structure, the same as
+    the transformers Florence2Processor.post_process_generation: {task: answer}. image_size = (W, H).
+    Never raises on malformed text; unparseable parts are skipped."""
+    _check_task(task)
+    kind = TASKS[task][1]
+    if kind == "pure_text":
+        answer = text.replace("<s>", "").replace("</s>", "").strip()
+    elif kind in ("description_with_bboxes", "bboxes"):
+        found = _parse_boxes(text, image_size, allow_empty_phrase=kind == "bboxes")
+        answer = {"bboxes": [b for _, boxes in found for b in boxes],
+                  "labels": [name for name, boxes in found for _ in boxes]}
+    elif kind == "phrase_grounding":
+        found = _parse_boxes(text, image_size, banned=BANNED_GROUNDING_PHRASES)
+        answer = {"bboxes": [b for _, boxes in found for b in boxes],
+                  "labels": [name for name, boxes in found for _ in boxes]}
+    elif kind == "polygons":
+        found = _parse_polygons(text, image_size, allow_empty_phrase=True)
+        answer = {"polygons": [p for _, p in found], "labels": [name for name, _ in found]}
+    elif kind == "ocr":
+        found = _parse_ocr(text, image_size)
+        answer = {"quad_boxes": [q for _, q in found], "labels": [t for t, _ in found]}
+    else:  # description_with_bboxes_or_polygons: polygons when the answer has any
+        answer = {"bboxes": [], "bboxes_labels": [], "polygons": [], "polygons_labels": []}
+        if "<poly>" in text:
+            for name, polygons in _parse_polygons(text, image_size):
+                answer["polygons"].append(polygons)
+                answer["polygons_labels"].append(name)
+        else:
+            for name, boxes in _parse_boxes(text, image_size):
+                answer["bboxes"] += boxes
+                answer["bboxes_labels"] += [name] * len(boxes)
+    return {task: answer}
