@@ -666,6 +666,17 @@ class TarShards:
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Image transforms (Pillow + numpy; no torchvision at runtime)
 
+def open_image_text(spec: str, image_root=None, skip_bad: bool = False):
+    """A --data value -> dataset: one .csv/.tsv/.jsonl file, or webdataset .tar shards given as a
+    glob or a comma-separated list."""
+    paths = [p for p in spec.split(",") if p.strip()]
+    if paths and all(p.endswith(".tar") or any(c in p for c in "*?[") for p in paths):
+        return TarShards(paths[0] if len(paths) == 1 else paths, skip_bad=skip_bad)
+    if len(paths) == 1:
+        return ImageTextFile(paths[0], image_root=image_root, skip_bad=skip_bad)
+    raise DataError(f"{spec}: give one .csv/.tsv/.jsonl file, or .tar shards as a glob or a comma-separated list")
+
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's pixel statistics, used by UniCL/Florence towers
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # ImageNet's, used by DaViT / Florence-2

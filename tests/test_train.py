@@ -1,0 +1,112 @@
+"""train.py: one process == two (DDP), stop + resume == uninterrupted, clean errors, non-finite loss."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import train
+import unicl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a UniCL run small enough for a test: 32 px images, a 1-layer text tower, 8 samples a step
+TINY = ["--img_size=32", "--text_width=32", "--text_layers=1", "--text_heads=2", "--embed_dim=16",
+        "--context_length=48", "--train_size=64", "--val_size=36", "--batch_size=8", "--warmup_iters=2",
+        "--log_interval=1", "--lr=3e-3"]
+
+
+def logged(out_dir, key="loss"):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
+
+
+def flat_params(path):
+    state = torch.load(path, weights_only=True)["model"]
+    return torch.cat([v.flatten() for v in state.values() if v.is_floating_point()])
+
+
+def run(args, nproc=1):
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(launcher + ["train.py", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_two_processes_match_one(tmp_path):
+    """torchrun x2 with the same global batch gives the same losses, gradient norms and parameters
+    (relative difference < 1e-5) as one process. The gradient norm matters: Adam's update is blind to
+    a uniform gradient scale, so a DDP bug that scales gradients by 1/world would not show in the loss."""
+    args = TINY + ["--max_iters=3", "--val_size=0", "--lr=1e-3"]
+    one = run(args + [f"--out_dir={tmp_path / 'one'}"])
+    two = run(args + [f"--out_dir={tmp_path / 'two'}"], nproc=2)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    for key in ("loss", "grad_norm"):
+        a, b = logged(tmp_path / "one", key), logged(tmp_path / "two", key)
+        assert sorted(a) == sorted(b) == [1, 2, 3]
+        for s in a:
+            assert abs(a[s] - b[s]) <= 1e-5 * abs(a[s]), (key, s, a[s], b[s])
+    # the whole parameter vector (a zero-initialised key bias gets only rounding noise as gradient, which
+    # Adam turns into lr-sized steps either way, so single tensors are not compared on their own)
+    p1, p2 = flat_params(tmp_path / "one" / "ckpt.pt"), flat_params(tmp_path / "two" / "ckpt.pt")
+    assert ((p1 - p2).norm() / p1.norm()).item() < 1e-5
+
+
+def test_resume_continues_exactly(tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train.main(TINY + ["--max_iters=6", "--val_size=0", f"--out_dir={full}"])
+    # stop after step 3 on the same 6-step schedule, then resume to 6
+    train.main(TINY + ["--max_iters=3", "--lr_decay_iters=6", "--val_size=0", f"--out_dir={part}"])
+    assert torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)["step"] == 3
+    train.main(["--resume", "--max_iters=6", f"--out_dir={part}"])
+    a, b = logged(full), logged(part)
+    assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]
+    assert a[6] < a[1]  # and it learns
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    real = unicl.compute_loss
+    calls = []
+
+    def poisoned(model, batch):
+        loss, logs = real(model, batch)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 5 else loss), logs
+    monkeypatch.setattr(unicl, "compute_loss", poisoned)
+    with pytest.raises(SystemExit, match="non-finite loss .* at step 5"):
+        train.main(TINY + ["--max_iters=8", "--ckpt_interval=2", "--val_size=0", f"--out_dir={tmp_path}"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stage", "nope"], "unknown stage 'nope'; valid stages: unicl"),
+    (["--config=huge"], "unknown config 'huge' for stage unicl; valid configs: toy, florence"),
+    (["--lerning_rate=1"], "unknown config key 'lerning_rate'"),
+    (["--max_iters=ten"], "--max_iters=ten: expected int"),
+    (["stray"], "expected --key=value"),
+])
+def test_bad_flags_say_what_is_wrong(args, message):
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace("'", "'")):
+        train.main(args)
+
+
+def test_bad_data_names_file_line_and_field(tmp_path):
+    """A CSV with a missing image and an empty caption: a clear one-line error without the flag,
+    a run that skips and counts them with --skip_bad_samples."""
+    for i in range(6):
+        Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    rows = ["image,caption"] + [f"{i}.png,a red thing {i}" for i in range(6)]
+    rows[3] = "missing.png,a lost thing"   # line 4 of the file
+    rows[5] = "4.png,   "                 # line 6: empty caption
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    args = TINY + [f"--data={tmp_path / 'pairs.csv'}", "--batch_size=4", "--max_iters=2", f"--out_dir={tmp_path / 'o'}"]
+    bad = run(args)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "pairs.csv:6" in bad.stderr and "caption" in bad.stderr, bad.stderr
+    ok = run(args + ["--skip_bad_samples"])
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "skipped 2 bad samples" in ok.stdout, ok.stdout
