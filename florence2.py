@@ -22,6 +22,7 @@ import struct
 import sys
 from dataclasses import dataclass, field, replace
 
+import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -210,11 +211,11 @@ class MixerBlock(nn.Module):
         x = x + self.conv1(x)
         t = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
         t = t + self.drop_path(self.attn(self.norm1(t), H, W))
-        x = t.transpose(1, 2).reshape(B, C, H, W)
+        x = t.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
         x = x + self.conv2(x)
         t = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
         t = t + self.drop_path(self.ffn(self.norm2(t)))
-        return t.transpose(1, 2).reshape(B, C, H, W)
+        return t.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
 
 
 class DaViTBlock(nn.Module):
@@ -327,7 +328,7 @@ class Attention(nn.Module):
                 cache["k"], cache["v"] = k, v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, heads, T, d/h)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, d))
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, d))  # (B, T, heads, d/heads) -> (B, T, d)
 
 
 class EncoderLayer(nn.Module):
@@ -489,36 +490,38 @@ class Florence2(nn.Module):
         memory, mask = self.encode(pixel_values, input_ids, attention_mask)
         memory, mask = memory.repeat_interleave(num_beams, 0), mask.repeat_interleave(num_beams, 0)  # beams of a row
 
-        def next_logprobs(seqs, cache):  # seqs (N, L) so far -> constrained log-probs (N, vocab) of token L
-            logits = self.decode(seqs[:, -1:], memory, mask, cache)[:, -1].float()
-            return self._constrain(seqs, F.log_softmax(logits, dim=-1), max_len, no_repeat_ngram_size)
+        def next_scores(seqs, cache):  # seqs (N, L) so far -> constrained scores (N, vocab) of token L
+            scores = self.decode(seqs[:, -1:], memory, mask, cache)[:, -1].float()  # only the new token is fed
+            if num_beams > 1:  # beams add up log-probabilities; greedy takes the argmax of the logits
+                scores = F.log_softmax(scores, dim=-1)
+            return self._constrain(seqs, scores, max_len, no_repeat_ngram_size)
 
         B = input_ids.shape[0]
         if num_beams == 1:
-            return self._greedy(next_logprobs, B, max_len, memory.device)
-        return self._beam_search(next_logprobs, B, num_beams, max_len, length_penalty, early_stopping, memory.device)
+            return self._greedy(next_scores, B, max_len, memory.device)
+        return self._beam_search(next_scores, B, num_beams, max_len, length_penalty, early_stopping, memory.device)
 
-    def _constrain(self, seqs, logprobs, max_len, ngram):
+    def _constrain(self, seqs, scores, max_len, ngram):
         """Decoding rules, in transformers' order: never repeat an n-gram; <s> first; </s> at the limit."""
         L = seqs.shape[1]
         if ngram and L >= ngram:
             windows = seqs.unfold(1, ngram, 1)  # (N, L-n+1, n): every n-gram so far
             seen = (windows[..., :-1] == seqs[:, None, L - ngram + 1:]).all(-1)  # starts like the current (n-1)-gram
             rows, cols = seen.nonzero(as_tuple=True)
-            logprobs[rows, windows[rows, cols, -1]] = -math.inf
+            scores[rows, windows[rows, cols, -1]] = -math.inf
         for forced, at in ((self.cfg.forced_bos_token_id, 1), (self.cfg.forced_eos_token_id, max_len - 1)):
             if forced is not None and L == at:
-                logprobs = torch.full_like(logprobs, -math.inf)
-                logprobs[:, forced] = 0.0
-        return logprobs
+                scores = torch.full_like(scores, -math.inf)
+                scores[:, forced] = 0.0
+        return scores
 
-    def _greedy(self, next_logprobs, B, max_len, device):
+    def _greedy(self, next_scores, B, max_len, device):
         cfg = self.cfg
         seqs = torch.full((B, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         cache = self.new_cache()
         while seqs.shape[1] < max_len and not done.all():
-            token = next_logprobs(seqs, cache).argmax(-1).masked_fill(done, cfg.pad_token_id)  # (B,)
+            token = next_scores(seqs, cache).argmax(-1).masked_fill(done, cfg.pad_token_id)  # (B,)
             seqs = torch.cat([seqs, token[:, None]], dim=1)
             done |= token == cfg.eos_token_id
         return seqs
@@ -540,9 +543,9 @@ class Florence2(nn.Module):
         offsets = torch.arange(B, device=device)[:, None] * nb
         cache = self.new_cache()
         for L in range(1, max_len):
-            logprobs = next_logprobs(seqs.view(B * nb, L), cache)  # (B*nb, V)
+            logprobs = next_logprobs(seqs.view(B * nb, L), cache)  # (B, nb, L) -> (B*nb, L) -> (B*nb, V)
             V = logprobs.shape[-1]
-            total = (logprobs.view(B, nb, V) + scores[..., None]).view(B, nb * V)
+            total = (logprobs.view(B, nb, V) + scores[..., None]).view(B, nb * V)  # (B, nb, V) -> (B, nb*V)
             cand_scores, cand = total.topk(K)  # (B, K), best first
             parent, token = cand // V, cand % V
             cand_seqs = torch.cat([seqs.gather(1, parent[..., None].expand(-1, -1, L)), token[..., None]], -1)  # (B, K, L+1)
@@ -746,8 +749,6 @@ class BartTokenizer:
     def __init__(self, vocab, merges, added_tokens):
         """vocab: {token string: id}; merges: [(left, right)] in priority order; added_tokens: list of
         {"id", "content", "special", "lstrip", "rstrip"} matched literally before BPE."""
-        import tiktoken  # runtime dependency, imported here so the model code works without it
-
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
         char_of = bytes_to_unicode()
         unk = vocab.get("<unk>")
@@ -776,12 +777,16 @@ class BartTokenizer:
     @classmethod
     def from_pretrained(cls, folder):
         """From vocab.json + merges.txt (+ added_tokens.json), or from a tokenizer.json."""
-        path = lambda name: os.path.join(folder, name)  # noqa: E731
-        tokenizer_json = json.load(open(path("tokenizer.json"))) if os.path.isfile(path("tokenizer.json")) else None
-        if os.path.isfile(path("vocab.json")) and os.path.isfile(path("merges.txt")):
-            vocab = json.load(open(path("vocab.json"), encoding="utf-8"))
-            lines = open(path("merges.txt"), encoding="utf-8").read().split("\n")
-            merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+        def read(name, parse=json.loads):  # the file's parsed content, or None when absent
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path):
+                return None
+            with open(path, encoding="utf-8") as f:
+                return parse(f.read())
+
+        tokenizer_json, vocab, merges_txt = read("tokenizer.json"), read("vocab.json"), read("merges.txt", str)
+        if vocab is not None and merges_txt is not None:
+            merges = [tuple(line.split(" ")) for line in merges_txt.split("\n") if line and not line.startswith("#version")]
         elif tokenizer_json is not None:
             vocab = tokenizer_json["model"]["vocab"]
             merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in tokenizer_json["model"]["merges"]]
@@ -791,9 +796,8 @@ class BartTokenizer:
         for name in ("<s>", "<pad>", "</s>", "<unk>", "<mask>"):  # BART's specials live in vocab.json
             if name in vocab:
                 added[name] = {"id": vocab[name], "content": name, "special": True}
-        if os.path.isfile(path("added_tokens.json")):
-            for content, i in json.load(open(path("added_tokens.json"), encoding="utf-8")).items():
-                added.setdefault(content, {"id": i, "content": content, "special": False})
+        for content, i in (read("added_tokens.json") or {}).items():
+            added.setdefault(content, {"id": i, "content": content, "special": False})
         for t in (tokenizer_json or {}).get("added_tokens", []):  # carries the strip flags when present
             added[t["content"]] = t
         return cls(vocab, merges, list(added.values()))

@@ -28,7 +28,7 @@ def test_parameter_counts_on_meta():
 # -- a tiny random transformers Florence-2 checkpoint ---------------------------------------------------
 
 
-def make_hf_model(seed, eos_boost):
+def make_hf_model(seed, eos_boost, **text_options):
     """Random weights, scaled up so that outputs depend on the image and prompt and generations vary;
     eos_boost > 1 makes </s> likely so that hypotheses finish at different lengths."""
     torch.manual_seed(seed)
@@ -36,7 +36,7 @@ def make_hf_model(seed, eos_boost):
                                    num_groups=[1, 2, 3, 4], window_size=3, projection_dim=32,
                                    max_position_embeddings=10)
     text = BartConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                      decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
+                      decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, **text_options)
     cfg = Florence2Config(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=IMAGE_TOKEN)
     model = Florence2ForConditionalGeneration(cfg).eval()
     with torch.no_grad():
@@ -51,7 +51,7 @@ def make_hf_model(seed, eos_boost):
     return model
 
 
-@pytest.fixture(scope="module", params=[(0, 1.0), (1, 2.0)], ids=["long", "short"])
+@pytest.fixture(scope="module", params=[(0, 1.0), (2, 3.0)], ids=["long", "short"])
 def checkpoint(request, tmp_path_factory):
     hf = make_hf_model(*request.param)
     folder = tmp_path_factory.mktemp("hf")
@@ -73,8 +73,7 @@ def hf_inputs(pixels, prompt, mask):
     return dict(pixel_values=pixels, input_ids=ids, attention_mask=torch.cat([torch.ones_like(ids[:, :n_image]), mask], 1))
 
 
-def test_logits_match_transformers(checkpoint):
-    hf, ours, _ = checkpoint
+def assert_same_logits(hf, ours):
     pixels, prompt, mask = inputs()
     decoder_ids = torch.tensor([[2, 0, 12, 13, 14, 15], [2, 0, 12, 13, 14, 15]])
     with torch.no_grad():
@@ -83,6 +82,19 @@ def test_logits_match_transformers(checkpoint):
     assert got.shape == expected.shape == (2, 6, 100)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     assert (got[0] - got[1]).abs().max() > 0.5  # image and prompt matter: the test would see a masking error
+
+
+def test_logits_match_transformers(checkpoint):
+    hf, ours, _ = checkpoint
+    assert_same_logits(hf, ours)
+
+
+def test_logits_match_with_scaled_embeddings_and_relu(tmp_path):
+    hf = make_hf_model(2, 1.0, scale_embedding=True, activation_function="relu")
+    hf.save_pretrained(tmp_path)
+    ours = f2.Florence2.from_pretrained(str(tmp_path))
+    assert ours.embed_scale == 32 ** 0.5 and ours.cfg.activation == "relu"
+    assert_same_logits(hf, ours)
 
 
 @pytest.mark.parametrize("kwargs", [dict(num_beams=1), dict(num_beams=3), dict(num_beams=1, no_repeat_ngram_size=3),
@@ -100,7 +112,7 @@ def test_generation_matches_transformers(checkpoint, kwargs):
 def test_parity_cases_exercise_early_finish(tmp_path):
     """The "short" checkpoint really ends hypotheses before the limit, so the finished-beam bookkeeping
     and the padding of finished rows are part of the parity tests above."""
-    make_hf_model(1, 2.0).save_pretrained(tmp_path)
+    make_hf_model(2, 3.0).save_pretrained(tmp_path)
     ours = f2.Florence2.from_pretrained(str(tmp_path))
     for beams in (1, 3):
         out = ours.generate(*inputs(), max_new_tokens=16, num_beams=beams)
@@ -130,12 +142,7 @@ def test_pytorch_bin_checkpoint_and_load_errors(tmp_path):
     hf.save_pretrained(tmp_path / "bin")  # config.json; then the weights as a pickle, tied copies included
     os.remove(tmp_path / "bin" / "model.safetensors")
     torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
-    ours = f2.Florence2.from_pretrained(str(tmp_path / "bin"))
-    pixels, prompt, mask = inputs()
-    decoder_ids = torch.tensor([[2, 0, 5], [2, 0, 6]])
-    with torch.no_grad():
-        expected = hf(**hf_inputs(pixels, prompt, mask), decoder_input_ids=decoder_ids).logits
-        torch.testing.assert_close(ours(pixels, prompt, decoder_ids, mask), expected, atol=1e-4, rtol=0)
+    assert_same_logits(hf, f2.Florence2.from_pretrained(str(tmp_path / "bin")))
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         f2.Florence2.from_pretrained(str(tmp_path / "nowhere"))
@@ -208,6 +215,23 @@ def tokenizer_files(tmp_path_factory):
     hf = BartTokenizer.from_pretrained(str(folder))
     hf.save_pretrained(str(folder / "saved"))  # tokenizer.json with the added-token flags
     return folder, hf
+
+
+def test_tokenizer_strip_flags(tokenizer_files):
+    """Released BART tokenizers mark <mask> lstrip: it swallows the spaces before it."""
+    folder, _ = tokenizer_files
+    spec = json.loads((folder / "saved" / "tokenizer.json").read_text(encoding="utf-8"))
+    for token in spec["added_tokens"]:
+        token["lstrip"] = token["content"] == "<mask>"
+        token["rstrip"] = token["content"] == "<sep>"
+    (folder / "strip").mkdir()
+    (folder / "strip" / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    (folder / "strip" / "tokenizer_config.json").write_text((folder / "saved" / "tokenizer_config.json").read_text())
+    hf, ours = BartTokenizer.from_pretrained(str(folder / "strip")), f2.BartTokenizer.from_pretrained(str(folder / "strip"))
+    for text in ["Hello <mask> world", "a  \t<mask>b", "x<sep>   y", "<sep> <mask> <sep>\n"]:
+        assert ours.encode(text) == hf(text).input_ids, text
+    plain = f2.BartTokenizer.from_pretrained(str(folder / "saved"))
+    assert ours.encode("Hello <mask> x<sep> y") != plain.encode("Hello <mask> x<sep> y")  # the flags took effect
 
 
 @pytest.mark.parametrize("source", ["vocab+merges", "tokenizer.json"])
