@@ -1,0 +1,405 @@
+"""CoSwin: the image encoder of Florence (Yuan et al. 2021, section 2.3 "Transformer-based Florence pretrained models").
+
+CoSwin is a hierarchical Swin Transformer (Liu et al. 2021, arXiv:2103.14030) whose patch embedding and patch merging
+layers are replaced by the convolutional token embeddings of CvT (Wu et al. 2021, arXiv:2103.15808), with global average
+pooling on top. Read it top to bottom:
+
+  1. Token embedding between stages: CvT's ConvEmbed (conv mode) or Swin's patch embedding / patch merging (patch mode).
+  2. Window attention with the relative position bias (Swin section 3.2, Eq. 4).
+  3. Shifted windows: cyclic roll + a region mask (Swin section 3.2, Fig. 4), padding for maps the window does not divide.
+  4. The pre-LN Swin block with an MLP and stochastic depth, a stage of blocks, the whole model, named configs.
+  5. load_timm_swin: timm's Swin weights into patch mode, which makes this file testable against a reference Swin.
+
+Tensors inside a stage are kept channels-last, (B, H, W, C), as in Swin: every LayerNorm and Linear then acts on the
+last dimension without permutes.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+
+@dataclass
+class CoSwinConfig:
+    img_size: int = 224          # only used for parameter-count reporting; forward accepts any H, W
+    in_chans: int = 3            # input image channels
+    embed: str = "conv"          # "conv" = CvT ConvEmbed (CoSwin); "patch" = plain Swin patch embedding + patch merging
+    patch_size: int = 4          # "patch" mode only: side of the square patch embedded by stage 1
+    embed_dim: int = 96          # channels of stage 1; each later stage doubles them
+    depths: tuple = (2, 2, 6, 2)          # Swin blocks per stage
+    num_heads: tuple = (3, 6, 12, 24)     # attention heads per stage
+    window_size: int = 7         # side M of the square attention window (shrinks to maps smaller than it)
+    mlp_ratio: float = 4.0       # MLP hidden width / channels
+    qkv_bias: bool = True        # bias on the q, k, v projection
+    drop_path_rate: float = 0.1  # stochastic depth of the last block; linearly increasing from 0 over all blocks
+    num_classes: int = 0         # >0 adds a linear head on the pooled features (used for timm parity / ImageNet)
+
+
+CONFIGS: dict[str, CoSwinConfig] = {
+    # CPU-sized for the UniCL toy stage at 64 px: maps 16, 8, 4, 2 with a 4x4 window, 0.93M parameters; a batch of
+    # 64 trains (forward + backward) in about 120 ms of one CPU core (embed_dim 32 would take 175 ms).
+    "toy": CoSwinConfig(embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0),
+    # Swin-T/S/B/L widths and depths (Swin Table 1, 224 px with window 7), with CvT conv embeddings.
+    "T": CoSwinConfig(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),
+    "S": CoSwinConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3),
+    "B": CoSwinConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
+    "L": CoSwinConfig(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), drop_path_rate=0.2),
+    # Florence reports only "CoSwin-H, 637M parameters". We keep the depths (2, 2, 18, 2) that Swin-S/B/L and
+    # SwinV2-H share and pick the width: embed_dim 340 (10 heads of 34 channels in stage 1, doubling per stage) gives
+    # 635.3M parameters with conv embeddings and no head, 0.27% below 637M (SwinV2-H's 352 would give 680.9M, +6.9%;
+    # 336 with 12 heads 620.5M, -2.6%). tests/test_coswin.py checks the count on the meta device.
+    "H": CoSwinConfig(embed_dim=340, depths=(2, 2, 18, 2), num_heads=(10, 20, 40, 80), drop_path_rate=0.5),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Token embedding. CvT section 3.1: a strided convolution over the (B, C, H, W) map, then LayerNorm over channels;
+# it replaces both Swin's patch embedding (stage 1: kernel 7, stride 4, padding 2) and Swin's patch merging
+# (later stages: kernel 3, stride 2, padding 1, doubling the channels). Overlapping kernels let neighbouring tokens
+# share pixels, which non-overlapping patches cannot.
+
+class ConvEmbed(nn.Module):
+    def __init__(self, in_chans, dim, kernel_size, stride, padding, channels_last_input):
+        super().__init__()
+        self.channels_last_input = channels_last_input  # True between stages, which run channels-last
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size, stride, padding)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):  # x: (B, C_in, H, W), or (B, H, W, C_in) if channels_last_input -> (B, H', W', C)
+        if self.channels_last_input:
+            x = x.permute(0, 3, 1, 2)  # (B, C_in, H, W)
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H', W', C)
+
+
+class PatchEmbed(nn.Module):
+    """Swin's stage-1 embedding: non-overlapping p x p patches, linearly projected, then LayerNorm."""
+
+    def __init__(self, in_chans, dim, patch_size):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, patch_size)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):  # x: (B, C_in, H, W) -> (B, ceil(H/p), ceil(W/p), C)
+        p = self.patch_size
+        x = F.pad(x, (0, -x.shape[3] % p, 0, -x.shape[2] % p))  # zero-pad right/bottom to a whole patch, as Swin
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H/p, W/p, C)
+
+
+class PatchMerging(nn.Module):
+    """Swin's downsampling: concatenate each 2x2 group of tokens (4C), LayerNorm, Linear 4C -> 2C without bias."""
+
+    def __init__(self, dim, out_dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+
+    def forward(self, x):  # x: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)
+        x = F.pad(x, (0, 0, 0, x.shape[2] % 2, 0, x.shape[1] % 2))  # odd sides get a zero row/column, as Swin
+        B, H, W, C = x.shape
+        # Swin's concat order is [x(0,0), x(1,0), x(0,1), x(1,1)] for (row, col) offsets: column offset outermost
+        x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5)  # (B, H/2, W/2, dcol, drow, C)
+        return self.reduction(self.norm(x.reshape(B, H // 2, W // 2, 4 * C)))  # (B, H/2, W/2, 2C)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. Window attention (Swin section 3.2). Self-attention runs inside non-overlapping M x M windows, so its cost is
+# linear in the number of tokens. Each head adds a learned bias B to the logits that depends only on the relative
+# offset of the two tokens: Attention(Q, K, V) = SoftMax(Q K^T / sqrt(d) + B) V (Swin Eq. 4). Offsets along one axis
+# lie in [-M+1, M-1], so the biases live in a table of (2M-1)^2 x heads, and a fixed index buffer picks B out of it.
+
+def relative_position_index(wh, ww):
+    """(wh*ww, wh*ww) index into the (2wh-1)(2ww-1) bias table for every (query, key) pair of a window."""
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)  # (2, N)
+    rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N) offsets in [-(w-1), w-1]
+    return (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)  # (N, N) row-major in the (2wh-1, 2ww-1) table
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, dim, num_heads, window_size, qkv_bias):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"channels {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        # a buffer, not a parameter: it is a fixed function of the window size (not saved, rebuilt on construction)
+        self.register_buffer("relative_position_index", relative_position_index(window_size, window_size),
+                             persistent=False)
+
+    def relative_position_bias(self, wh, ww):
+        """(heads, wh*ww, wh*ww) bias B of Eq. 4 for a wh x ww window (wh, ww <= M: a map smaller than the window)."""
+        M = self.window_size
+        index = self.relative_position_index.view(M, M, M, M)[:wh, :ww, :wh, :ww]  # (wh, ww, wh, ww): top-left part
+        bias = self.relative_position_bias_table[index.reshape(-1)]  # (N*N, heads)
+        return bias.view(wh * ww, wh * ww, -1).permute(2, 0, 1)  # (heads, N, N)
+
+    def forward(self, x, window, mask):
+        """x: (B, nW, N, C) tokens of nW windows of N = wh*ww tokens; mask: (nW, 1, N, N) additive, or None."""
+        B, nW, N, C = x.shape
+        qkv = self.qkv(x).view(B, nW, N, 3, self.num_heads, C // self.num_heads)  # (B, nW, N, 3, heads, hd)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # 3 x (B, nW, heads, N, hd)
+        # the production view (timm's fused path): bias and shift/padding mask folded into one additive attn_mask,
+        # broadcast over the batch, so SDPA can use a fused kernel where the device has one
+        attn_mask = self.relative_position_bias(*window)  # (heads, N, N)
+        if mask is not None:
+            attn_mask = attn_mask + mask  # (nW, heads, N, N)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype))  # (B, nW, heads, N, hd)
+        return self.proj(x.transpose(2, 3).reshape(B, nW, N, C))  # (B, nW, N, C)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. Shifted windows (Swin section 3.2, Fig. 2 and 4). Every second block shifts the window grid by M//2 so that
+# information crosses window borders. Rather than attend within the smaller border windows separately, Swin rolls
+# the map cyclically by -M//2 and keeps the regular grid; a window at the far edge then holds tokens that the roll
+# carried across the border next to tokens that are not their neighbours in the image, and an additive mask of -100
+# (exp(-100) ~ 0) stops such pairs attending to each other.
+# A map the window does not divide is zero-padded at the right/bottom before rolling (as in the reference Swin); we
+# also mask the padded tokens out as keys, so no output ever depends on the padding.
+# A map no larger than the window along an axis gets a window of the map's size and no shift along that axis (Swin).
+#
+# Padding aside, the roll and the cut into windows only move tokens, so together they are one permutation of the
+# H*W positions. We compute it (and its inverse and the mask) once per map size as an index, and each block moves
+# its tokens with a single index_select each way instead of roll + reshape copies (3x faster on CPU, forward+backward).
+
+def window_partition(x, window):
+    """(B, H, W, C) -> (B, nW, wh*ww, C), windows in row-major order; H, W must be multiples of the window."""
+    (wh, ww), (B, H, W, C) = window, x.shape
+    x = x.view(B, H // wh, wh, W // ww, ww, C).transpose(2, 3)  # (B, H/wh, W/ww, wh, ww, C)
+    return x.reshape(B, -1, wh * ww, C)  # (B, nW, N, C)
+
+
+@dataclass
+class WindowPlan:
+    """How one kind of block (regular or shifted) cuts an H x W map into windows."""
+    window: tuple   # (wh, ww) window actually used
+    padded: tuple   # (Hp, Wp) map size after zero-padding to whole windows
+    order: torch.Tensor    # (Hp*Wp,) flat map position of the token at each window slot, the roll included
+    inverse: torch.Tensor  # (Hp*Wp,) window slot of each flat map position: undoes `order`
+    mask: torch.Tensor     # (nW, 1, N, N) additive: -100 across roll borders or onto padding, 0 else; None if no-op
+
+
+def plan_windows(H, W, M, shifted, device):
+    window = (min(M, H), min(M, W))
+    shift = (M // 2 if shifted and H > M else 0, M // 2 if shifted and W > M else 0)
+    (wh, ww), (sh, sw) = window, shift
+    Hp, Wp = H + (-H % wh), W + (-W % ww)
+    positions = torch.arange(Hp * Wp, device=device).view(1, Hp, Wp, 1)  # (1, Hp, Wp, 1) flat index of each token
+    positions = torch.roll(positions, shifts=(-sh, -sw), dims=(1, 2))  # the cyclic shift of Swin Fig. 4
+    order = window_partition(positions, window).reshape(-1)  # (nW*N,)
+    mask = None
+    if shift != (0, 0) or (Hp, Wp) != (H, W):
+        # along each axis, the first `shift` positions are the ones the roll carries over to the far border; a pair
+        # in one window may attend iff both are real tokens that agree on being carried over, along both axes
+        rows, cols = torch.arange(Hp, device=device)[:, None], torch.arange(Wp, device=device)[None, :]
+        region = (2 * (rows < sh) + (cols < sw)).masked_fill((rows >= H) | (cols >= W), -1)  # (Hp, Wp), -1 = pad
+        region = region.view(-1)[order].view(-1, 1, wh * ww)  # (nW, 1, N)
+        mask = (region.transpose(1, 2) != region).float().unsqueeze(1) * -100.0  # (nW, 1, N, N)
+    return WindowPlan(window, (Hp, Wp), order, torch.argsort(order), mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. The Swin block (Swin Eq. 3): x = x + W-MSA(LN(x)); x = x + MLP(LN(x)), the MLP two Linears with a GELU between.
+# Stochastic depth (Huang et al. 2016) drops a block's residual branch for whole samples during training.
+
+def drop_path(x, p, training):
+    """Zero the residual branch x for a random fraction p of the samples, rescaling the rest by 1/(1-p)."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - p).div_(1.0 - p)  # (B, 1, 1, 1)
+    return x * keep
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim, num_heads, window_size, shifted, mlp_ratio, qkv_bias, drop_path):
+        super().__init__()
+        self.shifted = shifted  # odd blocks of a stage use shifted windows (SW-MSA), even ones regular (W-MSA)
+        self.drop_prob = drop_path
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, plan):
+        """x: (B, H, W, C); plan: this block's WindowPlan for an H x W map."""
+        B, H, W, C = x.shape
+        (Hp, Wp), (wh, ww) = plan.padded, plan.window
+        y = self.norm1(x)
+        if (Hp, Wp) != (H, W):
+            y = F.pad(y, (0, 0, 0, Wp - W, 0, Hp - H))  # (B, Hp, Wp, C): pad first, then roll (reference Swin)
+        y = y.reshape(B, Hp * Wp, C).index_select(1, plan.order)  # (B, nW*N, C): rolled and cut into windows
+        y = self.attn(y.view(B, -1, wh * ww, C), plan.window, plan.mask)  # (B, nW, N, C)
+        y = y.view(B, Hp * Wp, C).index_select(1, plan.inverse).view(B, Hp, Wp, C)  # back in place, roll undone
+        if (Hp, Wp) != (H, W):
+            y = y[:, :H, :W]  # (B, H, W, C)
+        x = x + drop_path(y, self.drop_prob, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_prob, self.training)
+
+
+class Stage(nn.Module):
+    """One resolution: a token embedding that downsamples (and widens), then `depth` blocks alternating W/SW-MSA."""
+
+    def __init__(self, embed, dim, depth, num_heads, window_size, mlp_ratio, qkv_bias, drop_paths):
+        super().__init__()
+        self.embed = embed
+        self.window_size = window_size
+        self.blocks = nn.ModuleList(
+            SwinBlock(dim, num_heads, window_size, i % 2 == 1, mlp_ratio, qkv_bias, drop_paths[i]) for i in range(depth))
+        self.grad_checkpointing = False
+        self._plans = {}  # (H, W, device) -> (WindowPlan of the regular blocks, WindowPlan of the shifted ones)
+
+    def plans(self, H, W, device):
+        """Window plans of the regular and the shifted blocks on an H x W map. They depend only on the map size, so
+        they are built once per size and shared by every block and every step at that size."""
+        key = (H, W, device)
+        if key not in self._plans:
+            if len(self._plans) >= 32:  # many input sizes (e.g. multi-scale detection): bound the cache
+                self._plans.clear()
+            with torch.inference_mode(False):  # a plan first built under inference_mode must still serve training
+                self._plans[key] = tuple(plan_windows(H, W, self.window_size, shifted, device) for shifted in (0, 1))
+        return self._plans[key]
+
+    def forward(self, x):  # x: (B, C_in, H, W) for the stem, else (B, H, W, C_in) -> (B, H', W', C)
+        x = self.embed(x)
+        plans = self.plans(x.shape[1], x.shape[2], x.device)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # recompute the block in backward instead of storing its activations; the RNG state is restored so
+                # drop path makes the same choices twice
+                x = torch.utils.checkpoint.checkpoint(block, x, plans[block.shifted], use_reentrant=False)
+            else:
+                x = block(x, plans[block.shifted])
+        return x
+
+
+class CoSwin(nn.Module):
+    def __init__(self, cfg: CoSwinConfig):
+        super().__init__()
+        if cfg.embed not in ("conv", "patch"):
+            raise ValueError(f'CoSwinConfig.embed must be "conv" or "patch", got {cfg.embed!r}')
+        if len(cfg.depths) != len(cfg.num_heads):
+            raise ValueError(f"depths {cfg.depths} and num_heads {cfg.num_heads} must have one entry per stage")
+        self.cfg = cfg
+        self.feature_channels = [cfg.embed_dim * 2 ** i for i in range(len(cfg.depths))]
+        self.num_features = self.feature_channels[-1]
+        drop_paths = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist()  # linear in depth (Swin 4.1)
+        self.stages = nn.ModuleList()
+        for i, (depth, heads, dim) in enumerate(zip(cfg.depths, cfg.num_heads, self.feature_channels)):
+            if cfg.embed == "conv":  # CvT: 7x7 stride 4 on the image, 3x3 stride 2 between stages
+                embed = ConvEmbed(cfg.in_chans, dim, 7, 4, 2, False) if i == 0 else ConvEmbed(dim // 2, dim, 3, 2, 1, True)
+            else:
+                embed = PatchEmbed(cfg.in_chans, dim, cfg.patch_size) if i == 0 else PatchMerging(dim // 2, dim)
+            first = sum(cfg.depths[:i])
+            self.stages.append(Stage(embed, dim, depth, heads, cfg.window_size, cfg.mlp_ratio, cfg.qkv_bias,
+                                     drop_paths[first:first + depth]))
+        # one LayerNorm per stage output for the detection adapter's pyramid; the last one is also the final norm
+        # before global average pooling (forward() uses only that one)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for dim in self.feature_channels)
+        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):  # Swin's init: truncated normal(0.02) for Linear weights and bias tables, zero biases
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, WindowAttention):
+            nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    def _check_input(self, x):
+        min_side = 3 if self.cfg.embed == "conv" else 1  # the 7x7/4 conv with padding 2 needs at least 3 pixels
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_chans or min(x.shape[2:]) < min_side:
+            raise ValueError(f"CoSwin expects images (B, {self.cfg.in_chans}, H, W) with H, W >= {min_side}, "
+                             f"got shape {tuple(x.shape)}")
+
+    def forward_features(self, x):
+        """x: (B, C, H, W) -> 4 maps (B, C_i, H_i, W_i), strides 4, 8, 16, 32, each after its own LayerNorm."""
+        self._check_input(x)
+        features = []
+        for stage, norm in zip(self.stages, self.norms):
+            x = stage(x)  # (B, H_i, W_i, C_i)
+            features.append(norm(x).permute(0, 3, 1, 2))  # (B, C_i, H_i, W_i)
+        return features
+
+    def forward(self, x):
+        """x: (B, C, H, W) -> (B, num_features) pooled image features, or (B, num_classes) logits with a head."""
+        self._check_input(x)
+        for stage in self.stages:
+            x = stage(x)  # (B, H_i, W_i, C_i)
+        return self.head(self.norms[-1](x).mean(dim=(1, 2)))  # global average pool over (H, W): (B, C)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. timm's SwinTransformer weights in patch mode. timm (1.0) names: patch_embed.{proj,norm}; layers.i.downsample
+# (PatchMerging at the start of stage i > 0); layers.i.blocks.j.{norm1,attn.{qkv,proj,relative_position_bias_table},
+# norm2,mlp.{fc1,fc2}}; norm; head.fc. Its relative_position_index / attn_mask buffers are recomputed here, not loaded.
+
+def load_timm_swin(model: CoSwin, state_dict: dict) -> None:
+    """Copy a timm SwinTransformer state dict into a patch-mode CoSwin of the same shape (strict on every weight)."""
+    if model.cfg.embed != "patch":
+        raise ValueError('load_timm_swin needs a CoSwin built with embed="patch" (plain Swin)')
+    ours = {}
+    for key, value in state_dict.items():
+        if key.endswith(("relative_position_index", "attn_mask")):
+            continue  # fixed buffers: functions of the window size and the map size
+        parts = key.split(".")
+        if parts[0] == "patch_embed":
+            new = "stages.0.embed." + ".".join(parts[1:])
+        elif parts[0] == "layers" and parts[2] == "downsample":
+            new = f"stages.{parts[1]}.embed." + ".".join(parts[3:])
+        elif parts[0] == "layers":
+            new = "stages." + ".".join(parts[1:])
+        elif parts[0] == "norm":
+            new = f"norms.{len(model.stages) - 1}.{parts[1]}"
+        elif parts[:2] == ["head", "fc"]:
+            new = "head." + parts[2]
+        else:
+            raise KeyError(f"load_timm_swin: unexpected key {key!r} in the timm state dict")
+        ours[new] = value
+    expected = model.state_dict()
+    # our extra per-stage norms of stages 1..3 (for forward_features) have no timm counterpart and keep their init
+    own_only = {k for k in expected if k.startswith("norms.") and int(k.split(".")[1]) < len(model.stages) - 1}
+    missing = sorted(set(expected) - set(ours) - own_only)
+    unexpected = sorted(set(ours) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"load_timm_swin: model/config mismatch; missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, value in ours.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(f"load_timm_swin: {key} has shape {tuple(value.shape)} in the timm state dict, "
+                             f"{tuple(expected[key].shape)} in the model")
+    model.load_state_dict(ours, strict=False)
+
+
+def count_parameters(cfg: CoSwinConfig) -> int:
+    """Parameters of CoSwin(cfg), counted on the meta device (no memory, instant even for H)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in CoSwin(cfg).parameters())
+
+
+if __name__ == "__main__":
+    for name, cfg in CONFIGS.items():
+        print(f"CoSwin-{name}: {count_parameters(cfg) / 1e6:.1f}M parameters "
+              f"(embed_dim {cfg.embed_dim}, depths {cfg.depths}, heads {cfg.num_heads}, window {cfg.window_size})")
