@@ -54,7 +54,7 @@ class Florence2Config:
     image_size: int = 768  # images are resized to image_size x image_size: (768/32)^2 + 1 = 577 image tokens
     max_image_positions: int = 50  # learned 2D position table: the feature map may be up to 50 x 50
     max_temporal_embeddings: int = 100  # sinusoid table of frame positions (a single image is frame 0)
-    vocab_size: int = 51289  # BART's 50,265 + 1,000 <loc_*> + 24 task/markup tokens
+    vocab_size: int = 51289  # BART's 50,265 + 1,024 added: <loc_0>..<loc_999> and markup such as <poly>, <sep>
     d_model: int = 768  # text width; the image tokens are projected to it
     encoder_layers: int = 6
     decoder_layers: int = 6
@@ -358,9 +358,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, memory, memory_mask, self_mask, is_causal, cache):
         drop = lambda y: F.dropout(y, self.dropout, self.training)  # noqa: E731
-        y = self.self_attn(x, mask=self_mask, is_causal=is_causal, cache=cache and cache["self"])
+        self_cache, cross_cache = (None, None) if cache is None else (cache["self"], cache["cross"])
+        y = self.self_attn(x, mask=self_mask, is_causal=is_causal, cache=self_cache)
         x = self.self_attn_layer_norm(x + drop(y))
-        y = self.encoder_attn(x, source=memory, mask=memory_mask, cache=cache and cache["cross"])
+        y = self.encoder_attn(x, source=memory, mask=memory_mask, cache=cross_cache)
         x = self.encoder_attn_layer_norm(x + drop(y))
         return self.final_layer_norm(x + drop(self.ffn(x)))
 
@@ -411,7 +412,7 @@ class Decoder(nn.Module):
             self_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)  # (T, past+T)
         memory_mask = None if bool(memory_mask.all()) else memory_mask[:, None, None, :]  # (B, 1, 1, S)
         for i, layer in enumerate(self.layers):
-            x = layer(x, memory, memory_mask, self_mask, past == 0 and T > 1, cache and cache[i])
+            x = layer(x, memory, memory_mask, self_mask, past == 0 and T > 1, None if cache is None else cache[i])
         return x
 
 
@@ -548,7 +549,8 @@ class Florence2(nn.Module):
             total = (logprobs.view(B, nb, V) + scores[..., None]).view(B, nb * V)  # (B, nb, V) -> (B, nb*V)
             cand_scores, cand = total.topk(K)  # (B, K), best first
             parent, token = cand // V, cand % V
-            cand_seqs = torch.cat([seqs.gather(1, parent[..., None].expand(-1, -1, L)), token[..., None]], -1)  # (B, K, L+1)
+            history = seqs.gather(1, parent[..., None].expand(-1, -1, L))  # (B, K, L): each candidate's parent
+            cand_seqs = torch.cat([history, token[..., None]], dim=-1)  # (B, K, L+1)
             ended = (token == cfg.eos_token_id) | (L + 1 >= max_len)
             # candidates that ended may not run on: the nb best of the rest continue
             alive = cand_scores + ended.float() * NEG
@@ -655,7 +657,8 @@ def load_checkpoint(folder):
 
 
 def config_from_hf(hf):
-    """Our config from a transformers Florence2Config dict (absent keys keep our base defaults)."""
+    """Our config from a transformers Florence2Config dict (absent keys keep our base defaults, except that
+    an absent forced_bos/eos_token_id means no forcing)."""
     if hf.get("model_type") != "florence2":
         raise ValueError(f"config.json has model_type {hf.get('model_type')!r}, expected 'florence2' (the "
                          f"transformers-native layout; the older trust_remote_code layout is not supported)")
@@ -673,8 +676,7 @@ def config_from_hf(hf):
                  "attention_dropout": "attention_dropout", "activation_dropout": "activation_dropout",
                  "scale_embedding": "scale_embedding", "pad_token_id": "pad_token_id",
                  "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
-                 "decoder_start_token_id": "decoder_start_token_id",
-                 "forced_bos_token_id": "forced_bos_token_id", "forced_eos_token_id": "forced_eos_token_id"}
+                 "decoder_start_token_id": "decoder_start_token_id"}
     vision = DaViTConfig(**{ours: tuple(v[k]) if isinstance(v[k], list) else v[k]
                             for ours, k in vision_keys.items() if k in v})
     cfg = Florence2Config(vision=vision, **{ours: t[k] for ours, k in text_keys.items() if k in t})
@@ -732,7 +734,8 @@ def hf_state_dict_to_ours(hf, ours):
 #
 # GPT-2 BPE works on bytes shown as printable characters (vocab.json keys) and applies merges.txt in
 # priority order. tiktoken instead merges the adjacent pair whose concatenation has the lowest rank, so
-# giving each single byte a rank below all merges, and the token made by merge i the rank 256 + i,
+# giving each single byte a rank below all merges, and the token made by merge i the rank 256 + i (a
+# merge repeating an earlier result is skipped, as it could never fire),
 # reproduces the merge order. Added tokens (<s>, </s>, <loc_17>, <OD>, ...) are cut out of the text first.
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -786,10 +789,11 @@ class BartTokenizer:
 
         tokenizer_json, vocab, merges_txt = read("tokenizer.json"), read("vocab.json"), read("merges.txt", str)
         if vocab is not None and merges_txt is not None:
-            merges = [tuple(line.split(" ")) for line in merges_txt.split("\n") if line and not line.startswith("#version")]
+            lines = [line for line in merges_txt.split("\n") if line and not line.startswith("#version")]
+            merges = [tuple(line.split(" ")) for line in lines]
         elif tokenizer_json is not None:
             vocab = tokenizer_json["model"]["vocab"]
-            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in tokenizer_json["model"]["merges"]]
+            merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in tokenizer_json["model"]["merges"]]
         else:
             raise FileNotFoundError(f"{folder!r} holds neither vocab.json + merges.txt nor tokenizer.json")
         added = {}

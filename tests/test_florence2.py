@@ -36,7 +36,8 @@ def make_hf_model(seed, eos_boost, **text_options):
                                    num_groups=[1, 2, 3, 4], window_size=3, projection_dim=32,
                                    max_position_embeddings=10)
     text = BartConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                      decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, **text_options)
+                      decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                      **text_options)
     cfg = Florence2Config(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=IMAGE_TOKEN)
     model = Florence2ForConditionalGeneration(cfg).eval()
     with torch.no_grad():
@@ -70,7 +71,8 @@ def inputs():
 def hf_inputs(pixels, prompt, mask):
     n_image = 1 + 4 * 3  # 100x76 -> 25x19 -> 13x10 -> 7x5 -> 4x3 map, plus the mean token
     ids = torch.cat([torch.full((len(prompt), n_image), IMAGE_TOKEN), prompt], 1)
-    return dict(pixel_values=pixels, input_ids=ids, attention_mask=torch.cat([torch.ones_like(ids[:, :n_image]), mask], 1))
+    full_mask = torch.cat([torch.ones_like(ids[:, :n_image]), mask], 1)
+    return dict(pixel_values=pixels, input_ids=ids, attention_mask=full_mask)
 
 
 def assert_same_logits(hf, ours):
@@ -193,7 +195,8 @@ CORPUS = ["Locate the objects with category name in the image.", "What does the 
           "A red circle, a blue square and 3 green stars; it's 12:30 and we'll see 1,000,000 things.",
           "naïve café déjà vu — 東京タワー 😀 ﬁne", "The quick brown fox jumps over the lazy dog."] * 3
 TEXTS = ["Hello world", " leading space", "multiple   spaces\tand\ttabs\n\nnew lines ", "numbers 12345 3.14 1,000,000",
-         "unicode: naïve café — 東京 😀 ﬁ Ωmega", "<loc_12><loc_999> a red circle<loc_0>", "<OD>", "<loc_1000> <loc_x>",
+         "unicode: naïve café — 東京 😀 ﬁ Ωmega", "<loc_12><loc_999> a red circle<loc_0>", "<OD>",
+         "<loc_1000> <loc_x>",
          "Locate the phrases in the caption: a red star", "What is the region <loc_1><loc_2><loc_3><loc_4>?",
          "it's we'll they've I'M don't", "trailing spaces   ", "<s>nested</s> tokens <pad> <mask>", "", "  ",
          "tab\t<loc_5>\tafter", "x<poly><loc_3><sep></poly>y"]
@@ -227,7 +230,8 @@ def test_tokenizer_strip_flags(tokenizer_files):
     (folder / "strip").mkdir()
     (folder / "strip" / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
     (folder / "strip" / "tokenizer_config.json").write_text((folder / "saved" / "tokenizer_config.json").read_text())
-    hf, ours = BartTokenizer.from_pretrained(str(folder / "strip")), f2.BartTokenizer.from_pretrained(str(folder / "strip"))
+    hf = BartTokenizer.from_pretrained(str(folder / "strip"))
+    ours = f2.BartTokenizer.from_pretrained(str(folder / "strip"))
     for text in ["Hello <mask> world", "a  \t<mask>b", "x<sep>   y", "<sep> <mask> <sep>\n"]:
         assert ours.encode(text) == hf(text).input_ids, text
     plain = f2.BartTokenizer.from_pretrained(str(folder / "saved"))
