@@ -6,14 +6,13 @@ pooling on top. Read it top to bottom:
 
   1. Token embedding between stages: CvT's ConvEmbed (conv mode) or Swin's patch embedding / patch merging (patch mode).
   2. Window attention with the relative position bias (Swin section 3.2, Eq. 4).
-  3. Shifted windows: cyclic roll + a region mask (Swin section 3.2, Fig. 4), padding for maps the window does not divide.
+  3. Shifted windows: cyclic roll + a region mask (Swin section 3.2, Fig. 4); padding for maps windows do not divide.
   4. The pre-LN Swin block with an MLP and stochastic depth, a stage of blocks, the whole model, named configs.
   5. load_timm_swin: timm's Swin weights into patch mode, which makes this file testable against a reference Swin.
 
 Tensors inside a stage are kept channels-last, (B, H, W, C), as in Swin: every LayerNorm and Linear then acts on the
 last dimension without permutes.
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -142,15 +141,18 @@ class WindowAttention(nn.Module):
     def forward(self, x, window, mask):
         """x: (B, nW, N, C) tokens of nW windows of N = wh*ww tokens; mask: (nW, 1, N, N) additive, or None."""
         B, nW, N, C = x.shape
-        qkv = self.qkv(x).view(B, nW, N, 3, self.num_heads, C // self.num_heads)  # (B, nW, N, 3, heads, hd)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # 3 x (B, nW, heads, N, hd)
-        # the production view (timm's fused path): bias and shift/padding mask folded into one additive attn_mask,
-        # broadcast over the batch, so SDPA can use a fused kernel where the device has one
-        attn_mask = self.relative_position_bias(*window)  # (heads, N, N)
-        if mask is not None:
-            attn_mask = attn_mask + mask  # (nW, heads, N, N)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype))  # (B, nW, heads, N, hd)
-        return self.proj(x.transpose(2, 3).reshape(B, nW, N, C))  # (B, nW, N, C)
+        heads, hd = self.num_heads, C // self.num_heads
+        qkv = self.qkv(x).view(B, nW, N, 3, heads, hd)  # (B, nW, N, 3, heads, hd)
+        # windows x heads as one "head" axis: 4-D inputs, the layout fused SDPA kernels take
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, B, nW * heads, N, hd).unbind(0)  # 3 x (B, nW*heads, N, hd)
+        # the production view (timm's fused path): the bias and the shift/padding mask folded into one additive
+        # attn_mask, shared by the whole batch (broadcast over B)
+        bias = self.relative_position_bias(*window)  # (heads, N, N)
+        attn_mask = bias.expand(nW, -1, -1, -1) if mask is None else bias + mask  # (nW, heads, N, N)
+        attn_mask = attn_mask.reshape(nW * heads, N, N).to(q.dtype)  # q's dtype under autocast
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nW*heads, N, hd)
+        x = x.view(B, nW, heads, N, hd).transpose(2, 3)  # (B, nW, N, heads, hd)
+        return self.proj(x.reshape(B, nW, N, C))  # (B, nW, N, C)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -160,7 +162,9 @@ class WindowAttention(nn.Module):
 # carried across the border next to tokens that are not their neighbours in the image, and an additive mask of -100
 # (exp(-100) ~ 0) stops such pairs attending to each other.
 # A map the window does not divide is zero-padded at the right/bottom before rolling (as in the reference Swin); we
-# also mask the padded tokens out as keys, so no output ever depends on the padding.
+# also mask the padded tokens out as keys, so no output ever depends on the padding. (timm rolls before padding,
+# which puts carried-over tokens next to unrelated ones, pytorch-image-models issue #2438; at such sizes we follow
+# the reference order and tests/test_coswin.py checks against a dense brute-force reference instead of timm.)
 # A map no larger than the window along an axis gets a window of the map's size and no shift along that axis (Swin).
 #
 # Padding aside, the roll and the cut into windows only move tokens, so together they are one permutation of the
@@ -185,6 +189,7 @@ class WindowPlan:
 
 
 def plan_windows(H, W, M, shifted, device):
+    """The WindowPlan of a regular (shifted=False) or shifted block on an H x W map with nominal window M."""
     window = (min(M, H), min(M, W))
     shift = (M // 2 if shifted and H > M else 0, M // 2 if shifted and W > M else 0)
     (wh, ww), (sh, sw) = window, shift
@@ -207,12 +212,13 @@ def plan_windows(H, W, M, shifted, device):
 # 4. The Swin block (Swin Eq. 3): x = x + W-MSA(LN(x)); x = x + MLP(LN(x)), the MLP two Linears with a GELU between.
 # Stochastic depth (Huang et al. 2016) drops a block's residual branch for whole samples during training.
 
-def drop_path(x, p, training):
-    """Zero the residual branch x for a random fraction p of the samples, rescaling the rest by 1/(1-p)."""
+def residual(x, branch, p, training):
+    """x + branch, with stochastic depth: the branch is dropped for a random fraction p of the samples during
+    training, and rescaled by 1/(1-p) for the rest so its expected value is unchanged."""
     if p == 0.0 or not training:
-        return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - p).div_(1.0 - p)  # (B, 1, 1, 1)
-    return x * keep
+        return x + branch
+    keep = branch.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - p).div_(1.0 - p)  # (B, 1, 1, 1)
+    return torch.addcmul(x, branch, keep)  # x + branch * keep in one pass
 
 
 class Mlp(nn.Module):
@@ -228,7 +234,7 @@ class Mlp(nn.Module):
 class SwinBlock(nn.Module):
     def __init__(self, dim, num_heads, window_size, shifted, mlp_ratio, qkv_bias, drop_path):
         super().__init__()
-        self.shifted = shifted  # odd blocks of a stage use shifted windows (SW-MSA), even ones regular (W-MSA)
+        self.shifted = shifted  # shifted windows (SW-MSA) or regular ones (W-MSA)
         self.drop_prob = drop_path
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias)
@@ -247,8 +253,8 @@ class SwinBlock(nn.Module):
         y = y.view(B, Hp * Wp, C).index_select(1, plan.inverse).view(B, Hp, Wp, C)  # back in place, roll undone
         if (Hp, Wp) != (H, W):
             y = y[:, :H, :W]  # (B, H, W, C)
-        x = x + drop_path(y, self.drop_prob, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_prob, self.training)
+        x = residual(x, y, self.drop_prob, self.training)
+        return residual(x, self.mlp(self.norm2(x)), self.drop_prob, self.training)
 
 
 class Stage(nn.Module):
@@ -258,8 +264,9 @@ class Stage(nn.Module):
         super().__init__()
         self.embed = embed
         self.window_size = window_size
-        self.blocks = nn.ModuleList(
-            SwinBlock(dim, num_heads, window_size, i % 2 == 1, mlp_ratio, qkv_bias, drop_paths[i]) for i in range(depth))
+        self.blocks = nn.ModuleList(  # odd blocks use shifted windows
+            SwinBlock(dim, num_heads, window_size, i % 2 == 1, mlp_ratio, qkv_bias, p)
+            for i, p in enumerate(drop_paths))
         self.grad_checkpointing = False
         self._plans = {}  # (H, W, device) -> (WindowPlan of the regular blocks, WindowPlan of the shifted ones)
 
@@ -297,11 +304,14 @@ class CoSwin(nn.Module):
         self.cfg = cfg
         self.feature_channels = [cfg.embed_dim * 2 ** i for i in range(len(cfg.depths))]
         self.num_features = self.feature_channels[-1]
-        drop_paths = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist()  # linear in depth (Swin 4.1)
+        # stochastic depth rate grows linearly with depth, from 0 to drop_path_rate (Swin section 4.1)
+        drop_paths = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist()
         self.stages = nn.ModuleList()
         for i, (depth, heads, dim) in enumerate(zip(cfg.depths, cfg.num_heads, self.feature_channels)):
-            if cfg.embed == "conv":  # CvT: 7x7 stride 4 on the image, 3x3 stride 2 between stages
-                embed = ConvEmbed(cfg.in_chans, dim, 7, 4, 2, False) if i == 0 else ConvEmbed(dim // 2, dim, 3, 2, 1, True)
+            if cfg.embed == "conv" and i == 0:  # CvT: 7x7 stride 4 on the image ...
+                embed = ConvEmbed(cfg.in_chans, dim, 7, 4, 2, channels_last_input=False)
+            elif cfg.embed == "conv":  # ... and 3x3 stride 2 between stages, doubling the channels
+                embed = ConvEmbed(dim // 2, dim, 3, 2, 1, channels_last_input=True)
             else:
                 embed = PatchEmbed(cfg.in_chans, dim, cfg.patch_size) if i == 0 else PatchMerging(dim // 2, dim)
             first = sum(cfg.depths[:i])
