@@ -23,7 +23,7 @@ import torch.utils.checkpoint
 
 @dataclass
 class CoSwinConfig:
-    img_size: int = 224          # only used for parameter-count reporting; forward accepts any H, W
+    img_size: int = 224          # nominal resolution, for reporting only; forward accepts any H, W
     in_chans: int = 3            # input image channels
     embed: str = "conv"          # "conv" = CvT ConvEmbed (CoSwin); "patch" = plain Swin patch embedding + patch merging
     patch_size: int = 4          # "patch" mode only: side of the square patch embedded by stage 1
@@ -39,9 +39,10 @@ class CoSwinConfig:
 
 CONFIGS: dict[str, CoSwinConfig] = {
     # CPU-sized for the UniCL toy stage at 64 px: maps 16, 8, 4, 2 with a 4x4 window, 0.93M parameters; a batch of
-    # 64 trains (forward + backward) in about 120 ms of one CPU core (embed_dim 32 would take 175 ms).
+    # 64 trains (forward + backward) in about 110 ms of CPU time on one core (embed_dim 32 would take 175 ms).
     "toy": CoSwinConfig(embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0),
-    # Swin-T/S/B/L widths and depths (Swin Table 1, 224 px with window 7), with CvT conv embeddings.
+    # Swin-T/S/B/L widths and depths (Swin section 3.3, 224 px with window 7) and Swin's drop path rates,
+    # with CvT conv embeddings.
     "T": CoSwinConfig(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),
     "S": CoSwinConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3),
     "B": CoSwinConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
