@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-STAGES = ("unicl",)
+STAGES = ("unicl", "florence2")
 
 
 @dataclass
@@ -60,6 +60,7 @@ class TrainConfig:
     resume: bool = False           # continue from out_dir/ckpt.pt
     eval_only: bool = False        # evaluate out_dir/ckpt.pt (or the fresh model) and exit
     skip_bad_samples: bool = False # drop unreadable / malformed samples instead of stopping (count reported)
+    cache_samples: bool = False    # keep every raw sample in memory after its first read (small datasets only)
     log_interval: int = 25
     eval_interval: int = 0         # 0 = evaluate only at the end
     ckpt_interval: int = 250
@@ -203,19 +204,27 @@ def global_batch_indices(step, batch_size, n, seed):
 
 
 class SampleSource:
-    """Fetches raw samples. With --skip_bad_samples a bad one (None, or a DataError naming file,
+    """Fetches raw samples, optionally cached. With --skip_bad_samples a bad one (None, or a DataError naming file,
     line and field) is replaced by the next index; `skipped` counts distinct bad samples, those
     the dataset dropped when it was read included."""
 
-    def __init__(self, dataset, skip_bad):
+    def __init__(self, dataset, skip_bad, cache):
         self.dataset, self.skip_bad, self.bad = dataset, skip_bad, set()
         self.dropped_on_read = len(getattr(dataset, "skipped", []))
+        self.cache = {} if cache else None
 
     @property
     def skipped(self):
         return self.dropped_on_read + len(self.bad)
 
     def get(self, index):
+        if self.cache is not None:
+            if index not in self.cache:
+                self.cache[index] = self._read(index)
+            return self.cache[index]
+        return self._read(index)
+
+    def _read(self, index):
         for attempt in range(len(self.dataset)):
             i = (index + attempt) % len(self.dataset)
             try:
@@ -280,7 +289,7 @@ def main(argv):
     if tcfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     train_ds, val_ds = stage.build_datasets(scfg, tcfg.seed, tcfg.skip_bad_samples)
-    source = SampleSource(train_ds, tcfg.skip_bad_samples)
+    source = SampleSource(train_ds, tcfg.skip_bad_samples, tcfg.cache_samples)
     if master:
         os.makedirs(tcfg.out_dir, exist_ok=True)
         n_params = sum(p.numel() for p in model.parameters())

@@ -158,6 +158,10 @@ TEMPLATES = (
     "a photo of {}.", "a cropped photo of {}.", "a picture of {}.", "an image of {}.",
     "a rendering of {}.", "a drawing of {}.", "a close-up photo of {}.", "there is {} in the image.",
 )
+# Zero-shot prompts for a class name such as "red circle". As in CLIP's ImageNet ensemble
+# ("a photo of a small {}.", "a photo of a large {}.") the sizes are spelled out, so each prompt
+# reads like a training text and the average covers both sizes.
+ZEROSHOT_TEMPLATES = tuple(t.format(f"a {size} {{}}") for t in TEMPLATES[:4] for size in ("small", "large"))
 
 
 def text_label(text: str) -> int:
@@ -246,7 +250,7 @@ def unicl_loss(image_features, text_features, labels, logit_scale):
 # "{template}" filled with its name, averaged over templates and renormalised.
 
 @torch.no_grad()
-def zeroshot_classifier(model, tokenizer, classnames, templates=TEMPLATES):
+def zeroshot_classifier(model, tokenizer, classnames, templates=ZEROSHOT_TEMPLATES):
     device = next(model.parameters()).device
     weights = []
     for name in classnames:
@@ -345,7 +349,7 @@ def evaluate(model, val, tokenizer, cfg: UniCLConfig):
     metrics = {}
     if cfg.data == "shapes":
         classes = data.compositions()
-        weights = zeroshot_classifier(model, tokenizer, [f"a {c} {s}" for c, s in classes])
+        weights = zeroshot_classifier(model, tokenizer, [f"{c} {s}" for c, s in classes])
         pred = (feats @ weights.t()).argmax(1).tolist()
         truth = [classes.index((s["objects"][0]["color"], s["objects"][0]["category"])) for s in samples]
         for name, keep in (("zeroshot_top1", False), ("zeroshot_top1_heldout", True)):
