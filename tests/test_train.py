@@ -64,7 +64,6 @@ def test_resume_continues_exactly(tmp_path):
     train.main(["--resume", "--max_iters=6", f"--out_dir={part}"])
     a, b = logged(full), logged(part)
     assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]
-    assert a[6] < a[1]  # and it learns
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
