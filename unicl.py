@@ -37,8 +37,8 @@ class UniCLConfig:
     # text tower (CLIP-like: causal, pooled at the end-of-text token)
     tokenizer: str = "bytes"       # data.get_tokenizer name; "bytes" needs no file or network
     context_length: int = 80       # tokens incl. start/end (Florence: 76 text tokens + 1)
-    text_width: int = 128
-    text_layers: int = 3
+    text_width: int = 96
+    text_layers: int = 2
     text_heads: int = 4
     embed_dim: int = 128           # width of the shared image-text space
     # UniCL data recipe (section 2.2)
@@ -48,9 +48,9 @@ class UniCLConfig:
     data: str = "shapes"
     val_data: str = ""             # same formats; for "shapes" the val split is used
     image_root: str = ""           # folder that image paths in data files are relative to
-    train_size: int = 50000        # Shapes world: number of distinct training samples
+    train_size: int = 20000        # Shapes world: number of distinct training samples
     val_size: int = 720            # Shapes world: single-object val images for zero-shot (20 per class); 0 = no eval
-    max_objects: int = 2           # Shapes world: objects per training image (1..max_objects)
+    max_objects: int = 1           # Shapes world: objects per training image (1..max_objects)
     random_crop: bool = False      # random resized crop (off for Shapes: crops would cut objects away)
 
 
@@ -67,7 +67,8 @@ CONFIGS = {
 
 # Optimisation settings per named config; keys are train.py TrainConfig fields.
 TRAIN = {
-    "toy": dict(batch_size=128, max_iters=1000, lr=2e-3, warmup_iters=100, weight_decay=0.05),
+    "toy": dict(batch_size=64, max_iters=2500, lr=3e-3, warmup_iters=100, weight_decay=0.05, cache_samples=True,
+                log_interval=100),
     "florence": dict(batch_size=24576, max_iters=100000, lr=1e-3, warmup_iters=5000, weight_decay=0.2),
 }
 
