@@ -5,27 +5,38 @@ problem: read an image and a task prompt, write the answer as text. Boxes and po
 1,000 extra "coordinate" tokens <loc_0>..<loc_999>, so a single cross-entropy loss and a single decoder
 serve every task. The file follows the paper's Figure 2 from left to right:
 
-  1. configs           dataclasses and the named sizes (toy, base = 231.4M, large = 770M)
+  1. configs           dataclasses and the model sizes (toy, base = 231.4M, large = 770M)
   2. DaViT             the image encoder: conv embeddings, window attention and channel-group attention
   3. image tokens      2D position + temporal embeddings, a spatial-mean token, projection to the text width
   4. BART              the post-LN transformer encoder-decoder with a key/value cache
   5. Florence2         image tokens in front of the prompt, the forward pass, greedy and beam search
   6. released weights  a safetensors reader and the name map for the transformers-native checkpoints
-  7. tokenizer         BART's byte-level BPE on tiktoken, with the coordinate and task tokens
+  7. tokenizers        BART's byte-level BPE on tiktoken; data.py's byte-level one for the toy
   8. tasks             the coordinate vocabulary, the task prompts, and parsing answers back into boxes
+  9. task data         every task's target text from a Shapes-world sample; a JSON-lines reader for real data
+ 10. training          the stage that `python train.py --stage florence2` drives, and the metrics
+ 11. command line      python florence2.py --ckpt PATH --image IMG --task '<OD>' [--text ...] [--out out.png]
 """
+import argparse
+import itertools
 import json
 import math
 import os
+import random
 import re
 import struct
 import sys
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.checkpoint import checkpoint
+
+import data
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Configs
@@ -68,6 +79,7 @@ class Florence2Config:
     attention_dropout: float = 0.1
     activation_dropout: float = 0.0
     scale_embedding: bool = False  # multiply token embeddings by sqrt(d_model) (off in Florence-2)
+    init_std: float = 0.02  # std of the random initial weights of linears and embeddings (BART's init_std)
     pad_token_id: int = 1
     bos_token_id: int = 0
     eos_token_id: int = 2
@@ -76,13 +88,19 @@ class Florence2Config:
     forced_eos_token_id: int = 2  # ... and </s> when it reaches the length limit
 
 
-CONFIGS = {
-    # CPU-sized: 192 px -> a 6 x 6 map -> 37 image tokens; vocab_size is set from the tokenizer in use.
+# Model sizes. The training stage (section 10) names one of these; its own CONFIGS add data and tokenizer.
+MODELS = {
+    # CPU-sized: 96 px, the last conv embedding keeps the resolution (stride 1), so a 6 x 6 map -> 37 image
+    # tokens; no dropout (the Shapes world never repeats an image); vocab_size is set from the tokenizer.
+    # BART's init std of 0.02 is for width 768+: at width 128 the model took ~3x more samples to start reading
+    # the image (caption-only probe, 64 px: loss 0.72 = the text's marginal entropy after 9,600 samples with
+    # 0.02, 0.52 with 0.05; 0.55 after 6,400 with 0.1), so the toy starts from 0.1.
     "toy": Florence2Config(
         vision=DaViTConfig(depths=(1, 1, 1, 1), embed_dims=(32, 64, 96, 128), num_heads=(1, 2, 3, 4),
-                           num_groups=(1, 2, 3, 4), window_size=6, drop_path_rate=0.0),
-        image_size=192, vocab_size=1400, d_model=128, encoder_layers=2, decoder_layers=2, encoder_heads=4,
-        decoder_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512, max_position_embeddings=512),
+                           num_groups=(1, 2, 3, 4), patch_stride=(4, 2, 2, 1), window_size=6, drop_path_rate=0.0),
+        image_size=96, vocab_size=1400, d_model=128, encoder_layers=2, decoder_layers=2, encoder_heads=4,
+        decoder_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512, max_position_embeddings=512, dropout=0.0,
+        attention_dropout=0.0, init_std=0.1),
     # Florence-2-base: DaViT 90.4M + projection 0.8M + BART-base 140.2M = 231.4M parameters.
     "base": Florence2Config(),
     # Florence-2-large: DaViT 360.6M + projection 2.2M + BART-large 407.3M = 770.2M parameters
@@ -113,6 +131,14 @@ class DropPath(nn.Module):
             return x
         keep = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype) >= self.p
         return x * keep / (1 - self.p)
+
+
+def run_layer(owner, layer, *args):
+    """layer(*args), recomputed in the backward pass instead of stored when the owner's grad_checkpointing is
+    on (train.py --grad_checkpointing: activation memory for compute)."""
+    if owner.grad_checkpointing and owner.training and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
 
 
 def norm_2d(norm, x):
@@ -247,12 +273,13 @@ class DaViT(nn.Module):
             first = 2 * sum(cfg.depths[:s])
             self.blocks.append(nn.ModuleList(DaViTBlock(cfg, s, drop[first + 2 * i], drop[first + 2 * i + 1])
                                              for i in range(cfg.depths[s])))
+        self.grad_checkpointing = False
 
-    def forward(self, x):  # (B, 3, H, W) -> (B, C_last, H/32, W/32)
+    def forward(self, x):  # (B, 3, H, W) -> (B, C_last, H/32, W/32) with the default strides
         for conv, stage in zip(self.convs, self.blocks):
             x = conv(x)
             for block in stage:
-                x = block(x)
+                x = run_layer(self, block, x)
         return x
 
 
@@ -374,6 +401,7 @@ class Encoder(nn.Module):
         self.layernorm_embedding = nn.LayerNorm(cfg.d_model)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.dropout = cfg.dropout
+        self.grad_checkpointing = False
 
     def forward(self, x, mask):  # x: (B, S, d) embeddings; mask: (B, S) bool, False at padding
         S = x.shape[1]
@@ -384,7 +412,7 @@ class Encoder(nn.Module):
         x = F.dropout(x, self.dropout, self.training)
         attn_mask = None if bool(mask.all()) else mask[:, None, None, :]  # (B, 1, 1, S)
         for layer in self.layers:
-            x = layer(x, attn_mask)
+            x = run_layer(self, layer, x, attn_mask)
         return x
 
 
@@ -395,6 +423,7 @@ class Decoder(nn.Module):
         self.layernorm_embedding = nn.LayerNorm(cfg.d_model)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         self.dropout = cfg.dropout
+        self.grad_checkpointing = False
 
     def forward(self, x, memory, memory_mask, cache=None):
         """x: (B, T, d) embeddings of the next T target tokens; memory: (B, S, d) encoder output;
@@ -412,7 +441,10 @@ class Decoder(nn.Module):
             self_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)  # (T, past+T)
         memory_mask = None if bool(memory_mask.all()) else memory_mask[:, None, None, :]  # (B, 1, 1, S)
         for i, layer in enumerate(self.layers):
-            x = layer(x, memory, memory_mask, self_mask, past == 0 and T > 1, None if cache is None else cache[i])
+            if cache is None:  # teacher forcing (training): the layers may be checkpointed
+                x = run_layer(self, layer, x, memory, memory_mask, self_mask, T > 1, None)
+            else:
+                x = layer(x, memory, memory_mask, self_mask, past == 0 and T > 1, cache[i])
         return x
 
 
@@ -435,10 +467,9 @@ class Florence2(nn.Module):
         self.decoder = Decoder(cfg)
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m):
+    def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
+            nn.init.normal_(m.weight, std=self.cfg.init_std)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
         if isinstance(m, nn.Embedding) and m.padding_idx is not None:
@@ -467,6 +498,10 @@ class Florence2(nn.Module):
         right behind decoder_start_token_id)."""
         memory, mask = self.encode(pixel_values, input_ids, attention_mask)
         return self.decode(decoder_input_ids, memory, mask)
+
+    def set_grad_checkpointing(self, enable=True):
+        for part in (self.vision_tower, self.encoder, self.decoder):
+            part.grad_checkpointing = enable
 
     def new_cache(self):
         return [{"self": {}, "cross": {}} for _ in self.decoder.layers]
@@ -730,7 +765,7 @@ def hf_state_dict_to_ours(hf, ours):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. Tokenizer: BART's byte-level BPE (GPT-2's), run by tiktoken
+# 7. Tokenizers: BART's byte-level BPE (GPT-2's), run by tiktoken; then the byte-level toy tokenizer
 #
 # GPT-2 BPE works on bytes shown as printable characters (vocab.json keys) and applies merges.txt in
 # priority order. tiktoken instead merges the adjacent pair whose concatenation has the lowest rank, so
@@ -771,11 +806,25 @@ class BartTokenizer:
         self.added = {t["content"]: t for t in added_tokens}
         self.added_by_id = {t["id"]: t for t in added_tokens}
         self.vocab_size = 1 + max([*vocab.values(), *self.added_by_id])
-        by_length = sorted(self.added, key=len, reverse=True)  # longest match first
-        self.added_pattern = re.compile("|".join(map(re.escape, by_length))) if by_length else None
+        self._compile_added()
         ids = {t["content"]: t["id"] for t in added_tokens} | vocab
         self.bos_token_id, self.eos_token_id = ids.get("<s>"), ids.get("</s>")
         self.pad_token_id, self.unk_token_id = ids.get("<pad>"), unk
+
+    def _compile_added(self):
+        by_length = sorted(self.added, key=len, reverse=True)  # longest match first
+        self.added_pattern = re.compile("|".join(map(re.escape, by_length))) if by_length else None
+
+    def add_tokens(self, tokens):
+        """Append the tokens it lacks with the next free ids, as the Florence-2 processor adds <loc_*> to BART's
+        vocabulary (a released Florence-2 tokenizer already has them: nothing changes). Returns self."""
+        for content in tokens:
+            if content not in self.added:
+                self.added[content] = self.added_by_id[self.vocab_size] = {"id": self.vocab_size, "content": content,
+                                                                           "special": False}
+                self.vocab_size += 1
+        self._compile_added()
+        return self
 
     @classmethod
     def from_pretrained(cls, folder):
@@ -838,12 +887,58 @@ class BartTokenizer:
         return "".join(text) + buffer.decode("utf-8", errors="replace")
 
     def __call__(self, texts):
-        """A batch of prompts -> (input_ids, attention_mask), right-padded LongTensors."""
-        rows = [self.encode(t) for t in texts]
-        width = max(map(len, rows))
-        ids = torch.tensor([r + [self.pad_token_id] * (width - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        return ids, mask
+        return encode_batch(self, texts)
+
+
+def pad_rows(rows, value):
+    """Lists of ids -> one right-padded LongTensor (len(rows), longest)."""
+    width = max(map(len, rows))
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def encode_batch(tokenizer, texts):
+    """A batch of prompts -> (input_ids, attention_mask), right-padded LongTensors (B, T)."""
+    rows = [tokenizer.encode(t) for t in texts]
+    return pad_rows(rows, tokenizer.pad_token_id), pad_rows([[1] * len(r) for r in rows], 0)
+
+
+# The toy tokenizer: data.py's byte-level tiktoken encoding (no file, works offline) with BART's <s> </s> <pad>,
+# the coordinate, markup and task tokens, and optionally whole-word tokens for the Shapes world. Bytes make
+# long sequences: "a small red triangle and a large blue diamond" is 45 tokens, a detailed caption 150+, and a
+# batch is as long as its longest answer. The Shapes world speaks a few dozen words, so "bytes+shapes" adds
+# them as single tokens, which cuts answers about 3x; any other text still encodes byte by byte, losslessly.
+# tiktoken finds added tokens by leftmost match, so the words are prefix-free (" shape" but not " shapes", which
+# becomes " shape" + "s") to make every text tokenize one way.
+MARKUP_TOKENS = ("<poly>", "</poly>", "<sep>")
+SHAPES_WORDS = tuple(" " + w for w in (
+    *data.SHAPES, *data.COLORS, *data.SIZES, *data.NUMBER_WORDS[2:], "shape", "The", "the", "is", "are", "and",
+    "at", "in", "of", "top", "bottom", "left", "right", "center", "above", "below", "background", "dark", "light",
+    "noisy", "gradient", "striped", "word", "written", "image"))
+
+
+class ByteTokenizer:
+    """The toy tokenizer, with BartTokenizer's interface (encode, decode, __call__, the special ids)."""
+
+    def __init__(self, words=()):
+        base = data.Tokenizer(data.get_tokenizer("bytes").encoding, bos="<s>", eos="</s>", pad="<pad>")
+        self.tok = base.add_special_tokens([*LOC_TOKENS, *MARKUP_TOKENS, *TASKS, *words])
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = self.tok.bos_id, self.tok.eos_id, self.tok.pad_id
+        self.vocab_size = self.tok.n_vocab
+
+    def encode(self, text, add_special_tokens=True):
+        """Text -> ids; with add_special_tokens, wrapped as <s> ... </s>."""
+        return self.tok.encode(text, bos=add_special_tokens, eos=add_special_tokens)
+
+    def decode(self, ids, skip_special_tokens=False):
+        """Ids -> text; every added token is written out (<s>, <loc_12>, ...) unless skip_special_tokens drops
+        <s> </s> <pad>. Bytes that do not form UTF-8 (a model's half-written character) become U+FFFD."""
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in (self.bos_token_id, self.eos_token_id, self.pad_token_id)]
+        return self.tok.decode(ids, skip_special=False)
+
+    def __call__(self, texts):
+        return encode_batch(self, texts)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1025,3 +1120,485 @@ def post_process(text, task, image_size):
                 answer["bboxes"] += boxes
                 answer["bboxes_labels"] += [name] * len(boxes)
     return {task: answer}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. Task data: every task's target text from a Shapes-world sample, and a reader for real annotations
+#
+# Florence-2 trains on (image, task, input, target) tuples drawn from one annotation set per image (FLD-5B).
+# Here the Shapes world (data.py) is that annotation set: each builder turns a sample, annotated in pixels,
+# into (text input or None, target text), with boxes, polygons and quads written as <loc_*> tokens in the
+# layout the public post-processor parses, so post_process(target) gives the annotation back to within a bin.
+
+
+def _description(obj):  # "large red circle": a region's description (dense captions, region tasks)
+    return f"{obj['size']} {obj['color']} {obj['category']}"
+
+
+def _caption_phrases(sample):
+    """The caption's phrases with their objects, in caption order: [("two small blue stars", [obj, obj]), ...].
+    They are made by data._phrase, the function that wrote the caption, so they are its exact words."""
+    groups = {}
+    for obj in sample["objects"]:
+        groups.setdefault(_description(obj), []).append(obj)
+    return [(data._phrase(len(objs), name), objs) for name, objs in groups.items()]
+
+
+OCR_TASKS = ("<OCR>", "<OCR_WITH_REGION>", "<REGION_TO_OCR>")  # only for samples with words
+
+
+def shapes_target(sample, task, rng, grounding=None):
+    """(text input or None, target text) of `task` for a Shapes-world sample. Where a task is about one object
+    or word, `rng` picks it. Phrase grounding takes the whole caption or one referring expression, at random
+    unless grounding="caption" or "reference" says which."""
+    size = sample["image"].size
+    loc = lambda coords: loc_text(coords, size)  # noqa: E731  pixels -> "<loc_a><loc_b>..."
+    objects, obj = sample["objects"], rng.choice(sample["objects"])
+    word = rng.choice(sample["ocr"]) if sample["ocr"] else None
+    if task in OCR_TASKS and word is None:
+        raise ValueError(f"{task} needs a sample with words (sample {sample.get('index')} has none)")
+    if task == "<CAPTION>":
+        return None, sample["caption"]
+    if task == "<DETAILED_CAPTION>":
+        return None, sample["detailed_caption"]
+    if task == "<MORE_DETAILED_CAPTION>":
+        return None, sample["more_detailed_caption"]
+    if task == "<OD>":  # "circle<box>star<box>", objects left to right
+        return None, "".join(o["category"] + loc(o["box"]) for o in objects)
+    if task == "<DENSE_REGION_CAPTION>":  # "large red circle<box>small blue star<box>"
+        return None, "".join(_description(o) + loc(o["box"]) for o in objects)
+    if task == "<REGION_PROPOSAL>":  # "<box><box>"
+        return None, "".join(loc(o["box"]) for o in objects)
+    if task == "<CAPTION_TO_PHRASE_GROUNDING>":
+        if (grounding or ("reference" if rng.random() < 0.5 else "caption")) == "reference":
+            return obj["ref"], obj["ref"] + loc(obj["box"])  # "the red circle" -> "the red circle<box>"
+        phrases = _caption_phrases(sample)  # "a large red circle<box>two small blue stars<box><box>"
+        return sample["caption"], "".join(p + "".join(loc(o["box"]) for o in objs) for p, objs in phrases)
+    if task == "<REFERRING_EXPRESSION_SEGMENTATION>":  # "the red circle" -> "<x0><y0><x1><y1>..."
+        return obj["ref"], loc(obj["polygon"])
+    if task == "<REGION_TO_SEGMENTATION>":  # "<box>" -> "<x0><y0><x1><y1>..."
+        return loc(obj["box"]), loc(obj["polygon"])
+    if task == "<OPEN_VOCABULARY_DETECTION>":  # "star" or "red star" -> "red star<box><box>", every match
+        name = rng.choice((obj["category"], f"{obj['color']} {obj['category']}"))
+        hits = [o for o in objects if name in (o["category"], f"{o['color']} {o['category']}")]
+        return name, name + "".join(loc(o["box"]) for o in hits)
+    if task == "<REGION_TO_CATEGORY>":  # "<box>" -> "circle"
+        return loc(obj["box"]), obj["category"]
+    if task == "<REGION_TO_DESCRIPTION>":  # "<box>" -> "large red circle"
+        return loc(obj["box"]), _description(obj)
+    if task == "<REGION_TO_OCR>":  # "<box>" -> "CAT"
+        q = word["quad"]
+        return loc([min(q[0::2]), min(q[1::2]), max(q[0::2]), max(q[1::2])]), word["text"]
+    if task == "<OCR>":  # "CAT DOG", in reading order
+        return None, " ".join(w["text"] for w in sample["ocr"])
+    if task == "<OCR_WITH_REGION>":  # "CAT<quad>DOG<quad>"
+        return None, "".join(w["text"] + loc(w["quad"]) for w in sample["ocr"])
+    _check_task(task)
+
+
+def make_example(sample, tasks, rng):
+    """A raw sample -> (task, text input or None, target). A real annotation (TaskFile) carries its own task; a
+    Shapes-world sample gets one drawn by `rng` from `tasks` (repeats weigh), among those it can answer."""
+    if "task" in sample:
+        return sample["task"], sample["input"], sample["target"]
+    task = rng.choice([t for t in tasks if sample["ocr"] or t not in OCR_TASKS])
+    return (task, *shapes_target(sample, task, rng))
+
+
+class TaskFile(data.ImageTextFile):
+    """Florence-2 style annotations for fine-tuning, one JSON object per line:
+        {"image": "cars/1.jpg", "task": "<OD>", "target": "car<loc_52><loc_333><loc_932><loc_774>"}
+        {"image": "cars/1.jpg", "task": "<CAPTION_TO_PHRASE_GROUNDING>", "input": "a red car", "target": "..."}
+    coordinates quantised against the image's own size (loc_text). data.ImageTextFile does the reading: every
+    line is checked up front ("file:line: field 'task' ..."), images open lazily, skip_bad drops bad rows into
+    `skipped` and makes a bad image come back as None."""
+    FORMATS = {".jsonl": None}
+
+    def __init__(self, path, image_root=None, skip_bad=False):
+        super().__init__(path, image_root=image_root, caption_field="target", skip_bad=skip_bad)
+
+    def _validate(self, row, where):
+        image, target, where = super()._validate(row, where)  # "image" and "target": non-empty strings
+        task, text_input = row.get("task"), row.get("input")
+        if task is None:
+            raise data.DataError(f"{where}: field 'task' is missing")
+        if task not in TASKS:
+            raise data.DataError(f"{where}: field 'task' is {task!r}, not a Florence-2 task; valid tasks: "
+                                 f"{', '.join(TASKS)}")
+        if text_input is not None and not isinstance(text_input, str):
+            raise data.DataError(f"{where}: field 'input' must be a string, found {type(text_input).__name__}")
+        try:
+            task_prompt(task, text_input)
+        except ValueError as e:
+            raise data.DataError(f"{where}: field 'input': {e}") from None
+        return image, {"task": task, "input": text_input or None, "target": target}, where
+
+    def __getitem__(self, index):
+        sample = super().__getitem__(index)  # {"image", "caption": what _validate kept, "source"}, or None
+        return None if sample is None else {"image": sample["image"], **sample["caption"], "source": sample["source"]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 10. Training: the stage protocol that train.py drives (CONFIGS, TRAIN, build_*, collate, compute_loss,
+# evaluate) and the metrics of each task family
+
+
+@dataclass
+class StageConfig:
+    model: str = "toy"  # a MODELS name (ignored with `pretrained`)
+    pretrained: str = ""  # a transformers-layout Florence-2 folder to fine-tune (its config, weights and dropout)
+    tokenizer: str = "bytes+shapes"  # "bytes", "bytes+shapes" (section 7) or a folder with BART's vocab.json +
+    #                                  merges.txt or tokenizer.json ("" = the pretrained folder's)
+    prompt: str = "token"  # "token": the task token then its input ("<OD>"); "text": the released sentences
+    dropout: float = 0.0  # BART dropout and attention dropout
+    drop_path_rate: float = 0.0  # DaViT stochastic depth
+    max_target_tokens: int = 128  # answers are cut to this many tokens (</s> kept); also the generation limit
+    # data: "shapes" (the built-in world, a fresh image per sample) or a TaskFile .jsonl of real annotations
+    data: str = "shapes"
+    val_data: str = ""  # a .jsonl file; for "shapes" the val split is used
+    image_root: str = ""  # folder that image paths in .jsonl files are relative to ("" = the file's folder)
+    tasks: str = ",".join(TASKS)  # the Shapes-world mixture; a task listed twice is drawn twice as often
+    train_size: int = 100000  # Shapes world: distinct training images
+    val_size: int = 200  # Shapes world: val images, each evaluated on the five metric tasks; 0 = no eval
+    max_objects: int = 3  # Shapes world: 1..max_objects shapes per image
+    ocr_prob: float = 0.5  # Shapes world: chance that an image has words
+    eval_batch_size: int = 50
+
+
+CONFIGS = {
+    # CPU toy: the Shapes-world mixture of all 15 tasks on MODELS["toy"] (96 px, 2.4M parameters)
+    "toy": StageConfig(),
+    # the paper's sizes, from scratch on your annotations (--data=file.jsonl --tokenizer=FOLDER) or fine-tuning
+    # released weights (--pretrained=FOLDER); prompts are the released sentences so the two can be mixed
+    "base": StageConfig(model="base", tokenizer="", prompt="text", dropout=0.1, drop_path_rate=0.1, data="",
+                        max_target_tokens=1024, train_size=0, val_size=0),
+    "large": StageConfig(model="large", tokenizer="", prompt="text", dropout=0.1, drop_path_rate=0.1, data="",
+                         max_target_tokens=1024, train_size=0, val_size=0),
+}
+
+# Optimisation settings per named config (train.py TrainConfig fields). base/large: a starting point for
+# fine-tuning-scale runs, ours, not the paper's.
+TRAIN = {
+    "toy": dict(batch_size=32, max_iters=3000, lr=5e-4, warmup_iters=100, weight_decay=0.05, log_interval=50,
+                ckpt_interval=500),
+    "base": dict(batch_size=256, max_iters=20000, lr=1e-5, warmup_iters=500, weight_decay=0.01, beta2=0.999),
+    "large": dict(batch_size=256, max_iters=20000, lr=5e-6, warmup_iters=500, weight_decay=0.01, beta2=0.999),
+}
+
+
+def build_tokenizer(cfg: StageConfig):
+    if cfg.tokenizer in ("bytes", "bytes+shapes"):
+        return ByteTokenizer(SHAPES_WORDS if cfg.tokenizer == "bytes+shapes" else ())
+    folder = cfg.tokenizer or cfg.pretrained
+    if not folder:
+        raise ValueError("config field 'tokenizer' is empty: pass --tokenizer=bytes, --tokenizer=bytes+shapes or "
+                         "--tokenizer=FOLDER (BART vocab.json + merges.txt, e.g. a Florence-2 checkpoint folder)")
+    tokenizer = BartTokenizer.from_pretrained(folder)
+    # a plain BART vocabulary lacks the coordinate tokens: append them as the Florence-2 processor does
+    return tokenizer.add_tokens([*LOC_TOKENS, *MARKUP_TOKENS, *(TASKS if cfg.prompt == "token" else ())])
+
+
+def build_model(cfg: StageConfig, tokenizer) -> Florence2:
+    if cfg.pretrained:
+        model = Florence2.from_pretrained(cfg.pretrained).train()
+        if model.cfg.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but {cfg.pretrained} only "
+                             f"{model.cfg.vocab_size} embeddings")
+        return model
+    if cfg.model not in MODELS:
+        raise ValueError(f"unknown model {cfg.model!r}; valid models: {', '.join(MODELS)}")
+    m = MODELS[cfg.model]
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    return Florence2(replace(m, vision=replace(m.vision, drop_path_rate=cfg.drop_path_rate),
+                             vocab_size=tokenizer.vocab_size, dropout=cfg.dropout, attention_dropout=cfg.dropout,
+                             bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, decoder_start_token_id=eos,
+                             forced_bos_token_id=bos, forced_eos_token_id=eos))
+
+
+def image_size(cfg: StageConfig):
+    """The square side images are resized to: the model's, or for released weights their processor's."""
+    if not cfg.pretrained:
+        return MODELS[cfg.model].image_size
+    path = os.path.join(cfg.pretrained, "preprocessor_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f).get("size", {}).get("height", Florence2Config.image_size)
+    return Florence2Config.image_size
+
+
+def build_datasets(cfg: StageConfig, seed: int, skip_bad: bool = False):
+    """-> (train dataset, val dataset or None) of raw samples: Shapes-world dicts or TaskFile rows."""
+    if cfg.data == "shapes":
+        world = dict(size=image_size(cfg), seed=seed, max_objects=cfg.max_objects, ocr_prob=cfg.ocr_prob)
+        return (data.ShapesWorld("train", n=cfg.train_size, **world),
+                data.ShapesWorld("val", n=cfg.val_size, **world) if cfg.val_size else None)
+    if not cfg.data:
+        raise ValueError("config field 'data' is empty: pass --data=shapes or --data=FILE.jsonl "
+                         "(lines of {\"image\", \"task\", \"input\", \"target\"})")
+    root = cfg.image_root or None
+    return (TaskFile(cfg.data, root, skip_bad),
+            TaskFile(cfg.val_data, root, skip_bad) if cfg.val_data else None)
+
+
+def preprocess(image, size):
+    """The released processor's image path: RGB (transparency composited onto white), resized to size x size
+    (the aspect ratio is not kept: boxes are relative to the image, so they are unchanged), bicubic,
+    ImageNet-normalised -> (3, size, size)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255)), image.convert("RGBA"))
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    return data.to_tensor(image.resize((size, size), Image.BICUBIC), data.IMAGENET_MEAN, data.IMAGENET_STD)
+
+
+def prompt_text(task, text_input, style):
+    """The encoder's text for a task: the released sentence ("text"), or the task token then its input."""
+    sentence = task_prompt(task, text_input)  # also checks the task and its input
+    return sentence if style == "text" else task + (text_input or "")
+
+
+def collate(samples, tokenizer, cfg: StageConfig, rngs=None):
+    """Raw samples -> batch tensors. rngs: one random.Random per sample in training, which draws its task (and
+    object); None (evaluation) draws with a fixed seed per position. Florence-2's decoder reads the answer
+    shifted right behind </s> (BART's decoder start) and learns to write <s> answer </s>."""
+    tasks = cfg.tasks.split(",")
+    rngs = rngs or [random.Random(i) for i in range(len(samples))]
+    examples = [make_example(s, tasks, r) for s, r in zip(samples, rngs)]
+    size = image_size(cfg)
+    pixel_values = torch.stack([preprocess(s["image"], size) for s in samples])  # (B, 3, size, size)
+    input_ids, attention_mask = tokenizer([prompt_text(t, i, cfg.prompt) for t, i, _ in examples])  # (B, P)
+    targets = [tokenizer.encode(target) for _, _, target in examples]
+    targets = [t if len(t) <= cfg.max_target_tokens else t[:cfg.max_target_tokens - 1] + t[-1:] for t in targets]
+    labels = pad_rows(targets, -100)  # (B, T), -100 = not a target
+    start = torch.full_like(labels[:, :1], tokenizer.eos_token_id)
+    decoder_input_ids = torch.cat([start, labels[:, :-1]], 1).masked_fill(labels == -100, tokenizer.pad_token_id)
+    return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask,
+            "decoder_input_ids": decoder_input_ids, "labels": labels}
+
+
+def compute_loss(model, batch):
+    """Cross entropy on the answer tokens (the paper's only loss), averaged per answer and then over answers:
+    every (image, task) example weighs the same whatever its length, so a 40-token polygon does not drown a
+    2-token category, and the mean over a batch is the mean of its micro-batches (accumulation, DDP)."""
+    logits = model(batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"])
+    labels = batch["labels"]
+    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)  # (B, T)
+    valid = labels != -100  # cross_entropy's default ignore_index gives 0 there
+    return (nll.sum(1) / valid.sum(1)).mean(), {}
+
+
+# -- metrics, one per task family, on post-processed answers (the structures users get) ------------------
+
+
+def box_iou(a, b):
+    """IoU of two boxes (x0, y0, x1, y1)."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
+
+
+def mean_average_precision(predictions, truths, iou_threshold=0.5):
+    """mAP at one IoU threshold, VOC style. predictions, truths: one list per image of (label, box).
+    A generated answer has no scores, so a box's score is its place in the answer (the model writes boxes in
+    the order it learnt, the first one is the one it committed to first): detections of a class are ranked by
+    that place, ties in image order. Each detection, best first, takes the unmatched ground truth of its class
+    in its image with the highest IoU >= threshold (true positive) or is a false positive. AP is the area
+    under the precision-recall curve with all-point interpolation (precision made non-increasing); mAP
+    averages over the classes that have ground truth (a class never predicted scores 0)."""
+    aps = []
+    for label in sorted({lbl for boxes in truths for lbl, _ in boxes}):
+        gts = [[b for lbl, b in boxes if lbl == label] for boxes in truths]
+        taken = [[False] * len(g) for g in gts]
+        detections = sorted((rank, i, box) for i, boxes in enumerate(predictions)
+                            for rank, (lbl, box) in enumerate(boxes) if lbl == label)
+        hits = []
+        for _, i, box in detections:
+            ious = [0.0 if taken[i][j] else box_iou(box, g) for j, g in enumerate(gts[i])]
+            j = max(range(len(ious)), key=ious.__getitem__, default=None)
+            hits.append(j is not None and ious[j] >= iou_threshold)
+            if hits[-1]:
+                taken[i][j] = True
+        precision = [tp / k for k, tp in enumerate(itertools.accumulate(hits), 1)]
+        for k in reversed(range(len(precision) - 1)):  # the envelope: the best precision at this recall or beyond
+            precision[k] = max(precision[k], precision[k + 1])
+        # recall rises by 1 / #truths at each true positive: the area is a sum of strips of that width
+        aps.append(sum(p for p, hit in zip(precision, hits) if hit) / sum(map(len, gts)))
+    return sum(aps) / len(aps) if aps else 0.0
+
+
+def polygon_mask(polygons, image_size):
+    """Polygons (flat x0, y0, x1, y1, ... lists in pixels) rasterised together with Pillow -> bool (H, W) array."""
+    mask = Image.new("1", image_size)
+    draw = ImageDraw.Draw(mask)
+    for polygon in polygons:
+        if len(polygon) >= 6:  # a polygon needs 3 points
+            draw.polygon([float(v) for v in polygon[: len(polygon) // 2 * 2]], fill=1, outline=1)
+    return np.array(mask, dtype=bool)
+
+
+def mask_iou(pred_polygons, true_polygons, image_size):
+    pred, true = polygon_mask(pred_polygons, image_size), polygon_mask(true_polygons, image_size)
+    union = (pred | true).sum()
+    return float((pred & true).sum() / union) if union else 1.0
+
+
+def word_matches(pred, true):
+    """OCR words: (matched, max(#predicted, #true)): the multiset overlap, so a missed word and an invented
+    word both count against it; word accuracy = sum matched / sum of the second numbers."""
+    p, t = pred.split(), true.split()
+    overlap = sum(min(p.count(w), t.count(w)) for w in set(t))
+    return overlap, max(len(p), len(t))
+
+
+# The five metrics of the issue: task -> metric name. Any other task of a .jsonl val set is scored by exact match.
+EVAL_TASKS = {"<CAPTION>": "caption_em", "<OD>": "od_map50", "<CAPTION_TO_PHRASE_GROUNDING>": "grounding_acc50",
+              "<REFERRING_EXPRESSION_SEGMENTATION>": "res_miou", "<OCR>": "ocr_word_acc"}
+
+
+def score(task, preds, truths, sizes):
+    """One metric over post-processed answers (preds, truths: lists of post_process(...)[task]; sizes: (W, H))."""
+    if task == "<OD>":
+        return mean_average_precision([list(zip(p["labels"], p["bboxes"])) for p in preds],
+                                      [list(zip(t["labels"], t["bboxes"])) for t in truths])
+    if task == "<CAPTION_TO_PHRASE_GROUNDING>":  # RefCOCO accuracy: the first box against the referred box
+        return sum(bool(p["bboxes"]) and box_iou(p["bboxes"][0], t["bboxes"][0]) >= 0.5
+                   for p, t in zip(preds, truths)) / len(truths)
+    if task == "<REFERRING_EXPRESSION_SEGMENTATION>":  # the mean over examples of the mask IoU
+        every = lambda answer: [polygon for instance in answer["polygons"] for polygon in instance]  # noqa: E731
+        return sum(mask_iou(every(p), every(t), size) for p, t, size in zip(preds, truths, sizes)) / len(truths)
+    if task == "<OCR>":
+        counts = [word_matches(p, t) for p, t in zip(preds, truths)]
+        return sum(c for c, _ in counts) / max(1, sum(n for _, n in counts))
+    return sum(p == t for p, t in zip(preds, truths)) / len(truths)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, examples, size, style, max_new_tokens, batch_size=50, num_beams=1):
+    """(PIL image, task, text input) examples -> their generated answers, decoded with every token kept."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        pixels = torch.stack([preprocess(image, size) for image, _, _ in chunk])  # (b, 3, size, size)
+        ids, mask = tokenizer([prompt_text(task, text, style) for _, task, text in chunk])
+        seqs = model.generate(pixels.to(device), ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                              num_beams=num_beams)
+        out += [tokenizer.decode(row) for row in seqs]
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, val, tokenizer, cfg: StageConfig):
+    """Greedy generation on the val set, then the metric of each task family on the post-processed answers:
+    caption exact match, OD mAP@0.5, grounding accuracy at IoU 0.5 (a referring expression in, its box out),
+    referring-segmentation mask IoU, OCR word accuracy. A Shapes-world val image is asked those of the five that
+    are in the training mixture (OCR only when it has words); a .jsonl val row is asked its own task."""
+    was_training = model.training
+    model.eval()
+    examples = []  # (image, task, text input, target)
+    for i in range(len(val)):
+        sample = val[i]
+        if sample is None:  # a bad row skipped by --skip_bad_samples
+            continue
+        if "task" in sample:
+            examples.append((sample["image"], sample["task"], sample["input"], sample["target"]))
+            continue
+        for task in EVAL_TASKS:
+            if task in cfg.tasks.split(",") and (task not in OCR_TASKS or sample["ocr"]):
+                rng = random.Random(f"eval/{i}")
+                examples.append((sample["image"], task, *shapes_target(sample, task, rng, grounding="reference")))
+    examples.sort(key=lambda e: list(TASKS).index(e[1]))  # batches of one task: similar answer lengths
+    answers = generate_answers(model, tokenizer, [e[:3] for e in examples], image_size(cfg), cfg.prompt,
+                               cfg.max_target_tokens, cfg.eval_batch_size)
+    metrics = {}
+    for task in dict.fromkeys(e[1] for e in examples):
+        idx = [k for k, e in enumerate(examples) if e[1] == task]
+        sizes = [examples[k][0].size for k in idx]
+        preds = [post_process(answers[k], task, size)[task] for k, size in zip(idx, sizes)]
+        truths = [post_process(examples[k][3], task, size)[task] for k, size in zip(idx, sizes)]
+        metrics[EVAL_TASKS.get(task, task.strip("<>").lower() + "_em")] = score(task, preds, truths, sizes)
+    model.train(was_training)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# 11. Command line: python florence2.py --ckpt PATH --image IMG --task '<OD>' [--text ...] [--out out.png]
+
+
+def load_for_inference(path):
+    """A transformers-layout folder (released weights) or a train.py checkpoint file -> (model in eval mode,
+    tokenizer, prompt style, image side)."""
+    if os.path.isdir(path):
+        return (Florence2.from_pretrained(path), BartTokenizer.from_pretrained(path), "text",
+                image_size(StageConfig(pretrained=path)))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--ckpt {path!r}: no such file or folder")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    stage = ckpt.get("train_config", {}).get("stage") if isinstance(ckpt, dict) else None
+    if stage != "florence2":
+        raise ValueError(f"--ckpt {path!r} is not a train.py checkpoint of the florence2 stage (stage: {stage!r})")
+    cfg = StageConfig(**ckpt["stage_config"])
+    tokenizer = build_tokenizer(cfg)
+    model = build_model(cfg, tokenizer)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), tokenizer, cfg.prompt, image_size(cfg)
+
+
+def draw_answer(image, answer, path):
+    """Draw a post-processed answer on a copy of the image and save it: boxes, polygons and quads outlined with
+    their labels; plain text written in the top-left corner."""
+    canvas = image.convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    width, font = max(1, min(canvas.size) // 200), ImageFont.load_default(size=max(10, min(canvas.size) // 30))
+    colors = ((255, 60, 60), (60, 200, 60), (60, 120, 255), (255, 200, 0), (200, 60, 255), (0, 220, 220))
+    if isinstance(answer, str):
+        draw.text((2, 2), answer, fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0))
+    else:
+        shapes = [("box", b, lbl) for b, lbl in zip(answer.get("bboxes", []),
+                                                    answer.get("labels", answer.get("bboxes_labels", [])))]
+        shapes += [("polygon", p, lbl) for inst, lbl in zip(answer.get("polygons", []),
+                                                            answer.get("labels", answer.get("polygons_labels", [])))
+                   for p in inst]
+        shapes += [("polygon", q, lbl) for q, lbl in zip(answer.get("quad_boxes", []), answer.get("labels", []))]
+        for k, (kind, coords, label) in enumerate(shapes):
+            color = colors[k % len(colors)]
+            if kind == "box":
+                x0, y0, x1, y1 = coords
+                draw.rectangle((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), outline=color, width=width)
+            elif len(coords) >= 4:
+                draw.line([*coords[: len(coords) // 2 * 2], *coords[:2]], fill=color, width=width)
+            if label and len(coords) >= 2:
+                draw.text((coords[0], coords[1]), label, fill=color, font=font, anchor="lb")
+    canvas.save(path, format="PNG")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Run Florence-2 on one image and draw the answer.")
+    parser.add_argument("--ckpt", required=True, help="a transformers-layout Florence-2 folder, or a train.py "
+                                                      "checkpoint (out_dir/ckpt.pt)")
+    parser.add_argument("--image", required=True, help="an image file of any size and mode")
+    parser.add_argument("--task", required=True, help=f"one of: {' '.join(TASKS)}")
+    parser.add_argument("--text", default=None, help="the task's input: a phrase, or a region as four <loc_*>")
+    parser.add_argument("--out", default="out.png", help="PNG to write with the answer drawn")
+    parser.add_argument("--num_beams", type=int, default=3)
+    parser.add_argument("--max_new_tokens", type=int, default=1024, help="capped by the model's positions")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    try:
+        task_prompt(args.task, args.text)  # the task and its input, checked before anything is loaded
+        image = data.load_image(args.image, f"--image {args.image}")
+        model, tokenizer, style, size = load_for_inference(args.ckpt)
+    except (ValueError, OSError) as e:  # bad task, missing --text, unreadable image or checkpoint
+        parser.exit(2, f"error: {e}\n")
+    model.to(args.device)
+    max_new_tokens = min(args.max_new_tokens, model.cfg.max_position_embeddings - 1)
+    text, = generate_answers(model, tokenizer, [(image, args.task, args.text)], size, style, max_new_tokens,
+                             num_beams=args.num_beams)
+    answer = post_process(text, args.task, image.size)
+    print(json.dumps(answer))
+    draw_answer(image, answer[args.task], args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
