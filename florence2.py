@@ -1222,7 +1222,7 @@ class TaskFile(data.ImageTextFile):
         task, text_input = row.get("task"), row.get("input")
         if task is None:
             raise data.DataError(f"{where}: field 'task' is missing")
-        if task not in TASKS:
+        if not isinstance(task, str) or task not in TASKS:
             raise data.DataError(f"{where}: field 'task' is {task!r}, not a Florence-2 task; valid tasks: "
                                  f"{', '.join(TASKS)}")
         if text_input is not None and not isinstance(text_input, str):
@@ -1231,7 +1231,7 @@ class TaskFile(data.ImageTextFile):
             task_prompt(task, text_input)
         except ValueError as e:
             raise data.DataError(f"{where}: field 'input': {e}") from None
-        return image, {"task": task, "input": text_input or None, "target": target}, where
+        return image, {"task": task, "input": text_input.strip() if text_input else None, "target": target}, where
 
     def __getitem__(self, index):
         sample = super().__getitem__(index)  # {"image", "caption": what _validate kept, "source"}, or None
@@ -1266,7 +1266,7 @@ class StageConfig:
 
 
 CONFIGS = {
-    # CPU toy: the Shapes-world mixture of all 15 tasks on MODELS["toy"] (96 px, 2.4M parameters)
+    # CPU toy: the Shapes-world mixture of all 15 tasks on MODELS["toy"] (96 px, 2.2M parameters)
     "toy": StageConfig(),
     # the paper's sizes, from scratch on your annotations (--data=file.jsonl --tokenizer=FOLDER) or fine-tuning
     # released weights (--pretrained=FOLDER); prompts are the released sentences so the two can be mixed
@@ -1369,8 +1369,9 @@ def collate(samples, tokenizer, cfg: StageConfig, rngs=None):
     targets = [tokenizer.encode(target) for _, _, target in examples]
     targets = [t if len(t) <= cfg.max_target_tokens else t[:cfg.max_target_tokens - 1] + t[-1:] for t in targets]
     labels = pad_rows(targets, -100)  # (B, T), -100 = not a target
-    start = torch.full_like(labels[:, :1], tokenizer.eos_token_id)
-    decoder_input_ids = torch.cat([start, labels[:, :-1]], 1).masked_fill(labels == -100, tokenizer.pad_token_id)
+    start = torch.full_like(labels[:, :1], tokenizer.eos_token_id)  # (B, 1)
+    decoder_input_ids = torch.cat([start, labels[:, :-1]], 1)  # (B, T)
+    decoder_input_ids = decoder_input_ids.masked_fill(labels == -100, tokenizer.pad_token_id)
     return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask,
             "decoder_input_ids": decoder_input_ids, "labels": labels}
 
@@ -1461,7 +1462,7 @@ def score(task, preds, truths, sizes):
         return mean_average_precision([list(zip(p["labels"], p["bboxes"])) for p in preds],
                                       [list(zip(t["labels"], t["bboxes"])) for t in truths])
     if task == "<CAPTION_TO_PHRASE_GROUNDING>":  # RefCOCO accuracy: the first box against the referred box
-        return sum(bool(p["bboxes"]) and box_iou(p["bboxes"][0], t["bboxes"][0]) >= 0.5
+        return sum(bool(p["bboxes"] and t["bboxes"]) and box_iou(p["bboxes"][0], t["bboxes"][0]) >= 0.5
                    for p, t in zip(preds, truths)) / len(truths)
     if task == "<REFERRING_EXPRESSION_SEGMENTATION>":  # the mean over examples of the mask IoU
         every = lambda answer: [polygon for instance in answer["polygons"] for polygon in instance]  # noqa: E731
@@ -1508,8 +1509,9 @@ def evaluate(model, val, tokenizer, cfg: StageConfig):
                 rng = random.Random(f"eval/{i}")
                 examples.append((sample["image"], task, *shapes_target(sample, task, rng, grounding="reference")))
     examples.sort(key=lambda e: list(TASKS).index(e[1]))  # batches of one task: similar answer lengths
+    max_new_tokens = min(cfg.max_target_tokens, model.cfg.max_position_embeddings - 1)  # <s> answer </s>
     answers = generate_answers(model, tokenizer, [e[:3] for e in examples], image_size(cfg), cfg.prompt,
-                               cfg.max_target_tokens, cfg.eval_batch_size)
+                               max_new_tokens, cfg.eval_batch_size)
     metrics = {}
     for task in dict.fromkeys(e[1] for e in examples):
         idx = [k for k, e in enumerate(examples) if e[1] == task]
@@ -1533,7 +1535,10 @@ def load_for_inference(path):
                 image_size(StageConfig(pretrained=path)))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--ckpt {path!r}: no such file or folder")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or holding more than tensors and containers
+        raise ValueError(f"--ckpt {path!r}: cannot read it as a checkpoint ({type(e).__name__})") from None
     stage = ckpt.get("train_config", {}).get("stage") if isinstance(ckpt, dict) else None
     if stage != "florence2":
         raise ValueError(f"--ckpt {path!r} is not a train.py checkpoint of the florence2 stage (stage: {stage!r})")
@@ -1584,6 +1589,8 @@ def main(argv=None):
     parser.add_argument("--max_new_tokens", type=int, default=1024, help="capped by the model's positions")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.num_beams < 1 or args.max_new_tokens < 1:
+        parser.error("--num_beams and --max_new_tokens must be at least 1")
     try:
         task_prompt(args.task, args.text)  # the task and its input, checked before anything is loaded
         image = data.load_image(args.image, f"--image {args.image}")

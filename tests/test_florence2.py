@@ -718,11 +718,15 @@ def test_cli_errors_say_what_is_wrong(toy_ckpt, odd_images, args, message):
     (["--task", "<OD>", "--image", "nowhere.png"], "--image nowhere.png: cannot open"),
     (["--task", "<OD>", "--ckpt", "nowhere.pt"], "--ckpt 'nowhere.pt': no such file or folder"),
     (["--task", "<OD>", "--ckpt", "ANY.pt"], "is not a train.py checkpoint of the florence2 stage"),
+    (["--task", "<OD>", "--ckpt", "JUNK.pt"], "cannot read it as a checkpoint"),
+    (["--task", "<OD>", "--num_beams", "0"], "must be at least 1"),
 ])
 def test_cli_more_errors(toy_ckpt, odd_images, tmp_path, capsys, args, message):
     torch.save({"model": {}, "train_config": {"stage": "unicl"}}, tmp_path / "ANY.pt")
+    (tmp_path / "JUNK.pt").write_bytes(b"not a checkpoint")
     flags = {"--ckpt": str(toy_ckpt), "--image": str(odd_images["rgb"]), **dict(zip(args[::2], args[1::2]))}
-    flags["--ckpt"] = flags["--ckpt"].replace("ANY.pt", str(tmp_path / "ANY.pt"))
+    if flags["--ckpt"] in ("ANY.pt", "JUNK.pt"):
+        flags["--ckpt"] = str(tmp_path / flags["--ckpt"])
     with pytest.raises(SystemExit) as stop:
         f2.main([x for kv in flags.items() for x in kv])
     assert stop.value.code == 2 and re.search(message, capsys.readouterr().err)
