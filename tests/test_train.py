@@ -109,3 +109,21 @@ def test_bad_data_names_file_line_and_field(tmp_path):
     ok = run(args + ["--skip_bad_samples"])
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "skipped 2 bad samples" in ok.stdout, ok.stdout
+
+
+def test_toy_unicl_learns(tmp_path):
+    """The fast, honest CI version of `python train.py`: 250 steps of the toy config. The loss must fall
+    well below its start and zero-shot top-1 over the 36 colour-shape classes must clear 3x chance (1/36)."""
+    metrics = train.main(["--max_iters=250", "--val_size=360", f"--out_dir={tmp_path}"])
+    loss = logged(tmp_path)
+    assert loss[250] < loss[100] - 0.5, loss
+    assert metrics["zeroshot_top1"] > 3 / 36, metrics
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 2 bar not met yet: the 5-minute toy run reaches zeroshot_top1 ~0.2 "
+                                        "(colour and size learned, shape not); see README and the issue notes")
+def test_default_run_reaches_the_issue_bar(tmp_path):
+    """`python train.py` with no arguments: zeroshot_top1 >= 0.80 (issue 2)."""
+    metrics = train.main([f"--out_dir={tmp_path}"])
+    assert metrics["zeroshot_top1"] >= 0.80, metrics
