@@ -378,9 +378,9 @@ def main(argv):
                 dist.barrier()
         if stop:
             if master:
-                print(f"interrupted: checkpoint of step {step} saved to {ckpt_path}; continue with --resume")
+                print(f"interrupted: checkpoint of step {step} saved to {ckpt_path}; continue with --resume", flush=True)
             finish({}, master, ddp)
-            return {}
+            raise SystemExit(130)  # the shell's code for "stopped by a signal": not mistaken for a finished run
 
     if source.skipped and master:
         print(f"skipped {source.skipped} bad samples")

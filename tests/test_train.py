@@ -1,8 +1,10 @@
 """train.py: one process == two (DDP), stop + resume == uninterrupted, clean errors, non-finite loss."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -64,6 +66,25 @@ def test_resume_continues_exactly(tmp_path):
     train.main(["--resume", "--max_iters=6", f"--out_dir={part}"])
     a, b = logged(full), logged(part)
     assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]
+
+
+def test_interrupt_saves_a_checkpoint_and_resume_continues(tmp_path):
+    """Ctrl-C mid-run: the current step finishes, a checkpoint of it is saved, the exit code is 130."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, "--max_iters=100000", "--val_size=0", f"--out_dir={out}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or len(logged(out)) < 3:
+        assert time.time() < deadline and proc.poll() is None, "the run did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted: checkpoint of step" in stdout
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert step == max(logged(out))  # the checkpoint holds the last step that ran: nothing lost
+    train.main(["--resume", f"--max_iters={step + 2}", f"--out_dir={out}"])
+    assert max(logged(out)) == step + 2
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
