@@ -472,6 +472,18 @@ def load_image(path, where: str) -> Image.Image:
         raise DataError(f"{where}: {what}: {getattr(e, 'strerror', None) or e}") from e
 
 
+def _image_or_skip(reader, source, where: str):
+    """load_image for a reader's sample; with reader.skip_bad a bad image gives None and its message is kept in
+    reader.skipped instead of raising."""
+    try:
+        return load_image(source, where)
+    except DataError as e:
+        if not reader.skip_bad:
+            raise
+        reader.skipped.append(str(e))
+        return None
+
+
 def _read_text(path: str) -> str:
     # decode the whole file first so that bad UTF-8 is reported with its line number
     with open(path, "rb") as f:
@@ -574,14 +586,8 @@ class ImageTextFile:
 
     def __getitem__(self, index: int) -> dict | None:
         path, caption, where = self.items[index]
-        try:
-            image = load_image(path, f"{where}: field '{self.image_field}'")
-        except DataError as e:
-            if not self.skip_bad:
-                raise
-            self.skipped.append(str(e))
-            return None
-        return {"image": image, "caption": caption, "source": where}
+        image = _image_or_skip(self, path, f"{where}: field '{self.image_field}'")
+        return None if image is None else {"image": image, "caption": caption, "source": where}
 
 
 class TarShards:
@@ -653,14 +659,8 @@ class TarShards:
         with open(shard, "rb") as f:
             f.seek(offset)
             data = f.read(size)
-        try:
-            image = load_image(data, f"{shard}:{key}: field '{ext}'")
-        except DataError as e:
-            if not self.skip_bad:
-                raise
-            self.skipped.append(str(e))
-            return None
-        return {"image": image, "caption": caption, "source": f"{shard}:{key}"}
+        image = _image_or_skip(self, data, f"{shard}:{key}: field '{ext}'")
+        return None if image is None else {"image": image, "caption": caption, "source": f"{shard}:{key}"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
