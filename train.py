@@ -14,6 +14,7 @@ The data order and every per-sample random choice are a function of (seed, step,
 only, and all randomness is restored from checkpoints, so a run gives the same numbers on one
 process or many, and a resumed run continues exactly.
 """
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data import DataError
 
 STAGES = ("unicl", "florence2")
 
@@ -229,7 +232,7 @@ class SampleSource:
             i = (index + attempt) % len(self.dataset)
             try:
                 sample = self.dataset[i]
-            except ValueError:  # data.DataError
+            except DataError:
                 if not self.skip_bad:
                     raise
                 sample = None
@@ -244,11 +247,10 @@ class SampleSource:
 def main(argv):
     flags = parse_flags(argv)
     tcfg, stage, scfg = build_configs(flags)
-    ckpt = None
+    ckpt, ckpt_path = None, os.path.join(tcfg.out_dir, "ckpt.pt")
     if tcfg.resume or tcfg.eval_only:
-        path = os.path.join(tcfg.out_dir, "ckpt.pt")
-        if tcfg.resume or os.path.exists(path):
-            ckpt = load_checkpoint(path)
+        if tcfg.resume or os.path.exists(ckpt_path):
+            ckpt = load_checkpoint(ckpt_path)
             stage_cfg_cls = type(stage.CONFIGS[tcfg.config])
             tcfg, stage, scfg = build_configs(flags, TrainConfig(**ckpt["train_config"]),
                                               stage_cfg_cls(**ckpt["stage_config"]))
@@ -319,86 +321,99 @@ def main(argv):
         # them (UniCL's image tower leaves CoSwin's pyramid norms unused), so DDP can skip those cheaply
         train_model = DDP(train_model, device_ids=[device] if device_type == "cuda" else None, static_graph=True)
 
-    # SIGINT / SIGTERM: finish the current step, checkpoint, exit; nothing is lost
-    interrupted = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: interrupted.append(True))
-
-    ckpt_path = os.path.join(tcfg.out_dir, "ckpt.pt")
-    t_start, step_start, metrics = time.time(), step, {}
-    while step < tcfg.max_iters:
-        lr = lr_at(step, tcfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        positions = global_batch_indices(step, tcfg.batch_size, len(train_ds), tcfg.seed)
-        mine = range(rank * micro * accum, (rank + 1) * micro * accum)  # this rank's share of the global batch
-        loss_sum, logs = torch.zeros((), device=device), {}
-        for m in range(accum):
-            share = mine[m * micro: (m + 1) * micro]
-            samples = [source.get(positions[p]) for p in share]
-            rngs = [random.Random(f"{tcfg.seed}/{step}/{p}") for p in share]
-            batch = {k: v.to(device) for k, v in stage.collate(samples, tokenizer, scfg, rngs).items()}
-            sync = nullcontext() if not ddp or m == accum - 1 else train_model.no_sync()
-            with sync, autocast:
-                loss, logs = stage.compute_loss(train_model, batch)
-                (loss / accum).backward()
-            loss_sum += loss.detach() / accum
-        if ddp:
-            dist.all_reduce(loss_sum)
-            loss_sum /= world
-        loss_value = loss_sum.item()
-        if not math.isfinite(loss_value):
-            where = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written yet"
-            raise SystemExit(f"error: non-finite loss ({loss_value}) at step {step + 1}; stopping, {where}")
-        # the total gradient norm, clipped to grad_clip if set (logged: Adam hides a uniform gradient scale, this does not)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf")).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-
-        if step % tcfg.log_interval == 0 or step == tcfg.max_iters:
-            elapsed = time.time() - t_start
-            rate = (step - step_start) * tcfg.batch_size / elapsed
-            eta = (tcfg.max_iters - step) * tcfg.batch_size / rate
-            log({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "samples_per_s": rate, **logs})
-            if master:
-                skipped = f" | skipped {source.skipped}" if source.skipped else ""
-                print(f"step {step}/{tcfg.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                      f"{rate:.0f} samples/s | eta {eta / 60:.1f} min{skipped}", flush=True)
-        if tcfg.eval_interval and step % tcfg.eval_interval == 0 and step < tcfg.max_iters:
-            metrics = run_eval()
-            log({"step": step, "eval": metrics})
-            if master:
-                print("eval " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
-        stop = bool(interrupted)
-        if step % tcfg.ckpt_interval == 0 or step == tcfg.max_iters or stop:
-            if master:
-                save_checkpoint(ckpt_path, model, optimizer, step, tcfg, scfg)
+    t_start, step_start = time.time(), step
+    with interrupt_requests() as interrupted:  # SIGINT / SIGTERM: finish the step, checkpoint, exit
+        while step < tcfg.max_iters:
+            lr = lr_at(step, tcfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            positions = global_batch_indices(step, tcfg.batch_size, len(train_ds), tcfg.seed)
+            mine = range(rank * micro * accum, (rank + 1) * micro * accum)  # this rank's share of the global batch
+            loss_sum, logs = torch.zeros((), device=device), {}
+            for m in range(accum):
+                share = mine[m * micro: (m + 1) * micro]
+                samples = [source.get(positions[p]) for p in share]
+                rngs = [random.Random(f"{tcfg.seed}/{step}/{p}") for p in share]
+                batch = {k: v.to(device) for k, v in stage.collate(samples, tokenizer, scfg, rngs).items()}
+                sync = nullcontext() if not ddp or m == accum - 1 else train_model.no_sync()
+                with sync, autocast:
+                    loss, logs = stage.compute_loss(train_model, batch)
+                    (loss / accum).backward()
+                loss_sum += loss.detach() / accum
             if ddp:
-                dist.barrier()
-        if stop:
-            if master:
-                print(f"interrupted: checkpoint of step {step} saved to {ckpt_path}; continue with --resume", flush=True)
-            finish({}, master, ddp)
-            raise SystemExit(130)  # the shell's code for "stopped by a signal": not mistaken for a finished run
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
+            loss_value = loss_sum.item()
+            if not math.isfinite(loss_value):
+                where = (f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path)
+                         else "no checkpoint was written yet")
+                raise SystemExit(f"error: non-finite loss ({loss_value}) at step {step + 1}; stopping, {where}")
+            # the total gradient norm, clipped to grad_clip if set; logged, since Adam hides a uniform gradient scale
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf")).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
 
-    if source.skipped and master:
-        print(f"skipped {source.skipped} bad samples")
-    metrics = run_eval()
-    log({"step": step, "eval": metrics, "skipped": source.skipped})
-    finish(metrics, master, ddp)
-    return metrics
+            if step % tcfg.log_interval == 0 or step == tcfg.max_iters:
+                elapsed = time.time() - t_start
+                rate = (step - step_start) * tcfg.batch_size / elapsed
+                eta = (tcfg.max_iters - step) * tcfg.batch_size / rate
+                log({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "samples_per_s": rate, **logs})
+                if master:
+                    skipped = f" | skipped {source.skipped}" if source.skipped else ""
+                    print(f"step {step}/{tcfg.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | "
+                          f"{rate:.0f} samples/s | eta {eta / 60:.1f} min{skipped}", flush=True)
+            if tcfg.eval_interval and step % tcfg.eval_interval == 0 and step < tcfg.max_iters:
+                metrics = run_eval()
+                log({"step": step, "eval": metrics})
+                if master:
+                    print("eval " + format_metrics(metrics), flush=True)
+            stop = bool(interrupted)
+            if step % tcfg.ckpt_interval == 0 or step == tcfg.max_iters or stop:
+                if master:
+                    save_checkpoint(ckpt_path, model, optimizer, step, tcfg, scfg)
+                if ddp:
+                    dist.barrier()
+            if stop:
+                if master:
+                    print(f"interrupted: checkpoint of step {step} saved to {ckpt_path}; continue with --resume",
+                          flush=True)
+                finish({}, master, ddp)
+                raise SystemExit(130)  # the shell's code for "stopped by a signal": not mistaken for a finished run
+
+        if source.skipped and master:
+            print(f"skipped {source.skipped} bad samples")
+        metrics = run_eval()
+        log({"step": step, "eval": metrics, "skipped": source.skipped})
+        finish(metrics, master, ddp)
+        return metrics
+
+
+def format_metrics(metrics):
+    return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+@contextlib.contextmanager
+def interrupt_requests():
+    """While training, SIGINT / SIGTERM only set a flag (the yielded list), so the current step finishes and is
+    checkpointed: nothing is lost. The previous handlers come back afterwards (main may run inside pytest)."""
+    requests = []
+    previous = {sig: signal.signal(sig, lambda *_: requests.append(sig)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requests
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def finish(metrics, master, ddp):
     if master and metrics:
-        print("final " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        print("final " + format_metrics(metrics), flush=True)
     if ddp:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    from data import DataError
     try:
         main(sys.argv[1:])
     except DataError as e:  # bad input: say which file, line and field, not a traceback

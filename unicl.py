@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import coswin
+import data
 
 
 # -----------------------------------------------------------------------------
@@ -290,7 +291,6 @@ def retrieval_recall(image_features, text_features, image_labels, text_labels, k
 # The stage protocol that train.py drives.
 
 def build_tokenizer(cfg: UniCLConfig):
-    import data
     return data.get_tokenizer(cfg.tokenizer)
 
 
@@ -300,7 +300,6 @@ def build_model(cfg: UniCLConfig, tokenizer) -> UniCL:
 
 def build_datasets(cfg: UniCLConfig, seed: int, skip_bad: bool = False):
     """-> (train dataset, val dataset) of raw samples with "image" and "caption"."""
-    import data
     if cfg.data == "shapes":
         train = data.ShapesWorld("train", size=cfg.img_size, n=cfg.train_size, seed=seed,
                                  min_objects=1, max_objects=cfg.max_objects, ocr_prob=0.0)
@@ -314,7 +313,6 @@ def build_datasets(cfg: UniCLConfig, seed: int, skip_bad: bool = False):
 
 
 def _transform(cfg, train):
-    import data
     return data.ImageTransform(cfg.img_size, train=train and cfg.random_crop)
 
 
@@ -341,7 +339,6 @@ def evaluate(model, val, tokenizer, cfg: UniCLConfig):
     """Shapes world: zero-shot top-1 over all colour-shape classes on single-object val images,
     split into compositions seen in training captions and held-out ones. Any data: retrieval
     recall@1/5/10 both ways on the val captions."""
-    import data
     was_training = model.training
     model.eval()
     samples = [val[i] for i in range(len(val))]

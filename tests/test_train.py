@@ -59,7 +59,9 @@ def test_two_processes_match_one(tmp_path):
 
 def test_resume_continues_exactly(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    handler = signal.getsignal(signal.SIGINT)
     train.main(TINY + ["--max_iters=6", "--val_size=0", f"--out_dir={full}"])
+    assert signal.getsignal(signal.SIGINT) is handler  # main gives Ctrl-C back to its caller (here pytest)
     # stop after step 3 on the same 6-step schedule, then resume to 6
     train.main(TINY + ["--max_iters=3", "--lr_decay_iters=6", "--val_size=0", f"--out_dir={part}"])
     assert torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)["step"] == 3
