@@ -7,6 +7,7 @@ Each benchmark alternates ours and the reference call by call (so load from othe
 warm-up, and reports medians and the ratio ours / reference (goal <= 1.0). Add a benchmark by writing another
 `bench_<name>()` function; it is picked up automatically.
 """
+import math
 import os
 import statistics
 import sys
@@ -61,6 +62,112 @@ def bench_coswin():
           f"timm attention path: {'fused SDPA' if fused else 'math (its default; TIMM_FUSED_ATTN=2 for SDPA)'}")
     ours_s, timm_s = time_alternating(forward_backward(ours, x), forward_backward(reference, x))
     report("coswin forward+backward", ours_s, timm_s, "timm")
+
+
+def hf_florence2_config(cfg, image_token_id):
+    """A transformers Florence2Config from ours (the reverse of florence2.config_from_hf)."""
+    from transformers import BartConfig, Florence2Config
+    from transformers.models.florence2.configuration_florence2 import Florence2VisionConfig
+
+    v = cfg.vision
+    vision = Florence2VisionConfig(
+        in_channels=v.in_channels, depths=list(v.depths), embed_dim=list(v.embed_dims), num_heads=list(v.num_heads),
+        num_groups=list(v.num_groups), patch_size=list(v.patch_size), patch_stride=list(v.patch_stride),
+        patch_padding=list(v.patch_padding), patch_prenorm=list(v.patch_prenorm), window_size=v.window_size,
+        mlp_ratio=v.mlp_ratio, qkv_bias=v.qkv_bias, drop_path_rate=v.drop_path_rate, projection_dim=cfg.d_model,
+        max_position_embeddings=cfg.max_image_positions, max_temporal_embeddings=cfg.max_temporal_embeddings)
+    text = BartConfig(
+        vocab_size=cfg.vocab_size, d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
+        decoder_layers=cfg.decoder_layers, encoder_attention_heads=cfg.encoder_heads,
+        decoder_attention_heads=cfg.decoder_heads, encoder_ffn_dim=cfg.encoder_ffn_dim,
+        decoder_ffn_dim=cfg.decoder_ffn_dim, max_position_embeddings=cfg.max_position_embeddings,
+        activation_function=cfg.activation, dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
+        activation_dropout=cfg.activation_dropout, scale_embedding=cfg.scale_embedding, init_std=cfg.init_std,
+        pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+        decoder_start_token_id=cfg.decoder_start_token_id, forced_eos_token_id=cfg.forced_eos_token_id)
+    return Florence2Config(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=image_token_id)
+
+
+def bench_florence2():
+    """Florence-2 base vs transformers Florence2ForConditionalGeneration, same random weights, no dropout, one
+    768 px image and a 10-token prompt: forward + backward on 32 target tokens, greedy and 3-beam generation of
+    32 new tokens. Seconds per call on a few cores (13 min in all on 2), hence 1 warm-up and 3 timed rounds."""
+    import tempfile
+    from dataclasses import replace
+
+    import torch.nn.functional as F
+    from transformers import Florence2ForConditionalGeneration
+
+    import florence2 as f2
+
+    # dropout off on both sides (transformers' BART drops 0.1 by default), so train mode computes the same thing
+    cfg = replace(f2.MODELS["base"], dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                  vision=replace(f2.MODELS["base"].vision, drop_path_rate=0.0))
+    image_token = cfg.vocab_size - 1  # transformers' image placeholder; the prompt below never uses it
+    torch.manual_seed(0)
+    reference = Florence2ForConditionalGeneration(hf_florence2_config(cfg, image_token)).float()
+    with torch.no_grad():  # random weights rarely end a sequence, a small </s> embedding makes sure they never do
+        reference.model.language_model.shared.weight[cfg.eos_token_id].mul_(0.1)
+    reference.generation_config.forced_bos_token_id = cfg.forced_bos_token_id  # Florence-2 writes <s> first
+    with tempfile.TemporaryDirectory() as folder:
+        reference.save_pretrained(folder)
+        ours = f2.Florence2.from_pretrained(folder)
+    # the config made the round trip (the image size is the processor's, not in config.json): we time base
+    assert replace(ours.cfg, image_size=cfg.image_size) == cfg, ours.cfg
+
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(1, 3, cfg.image_size, cfg.image_size, generator=g)
+    prompt = torch.cat([torch.tensor([[cfg.bos_token_id]]), torch.randint(3, image_token, (1, 8), generator=g),
+                        torch.tensor([[cfg.eos_token_id]])], 1)  # (1, 10): <s> 8 tokens </s>
+    n_image = 1 + (cfg.image_size // math.prod(cfg.vision.patch_stride)) ** 2  # 577 image tokens
+    hf_prompt = torch.cat([torch.full((1, n_image), image_token), prompt], 1)  # transformers marks the image slots
+    targets = torch.randint(3, image_token, (1, 32), generator=g)
+    decoder_ids = torch.cat([torch.tensor([[cfg.decoder_start_token_id]]), targets[:, :-1]], 1)  # (1, 32)
+
+    def hf_logits(decoder_input_ids):
+        return reference(pixel_values=pixels, input_ids=hf_prompt, decoder_input_ids=decoder_input_ids,
+                         use_cache=False).logits
+
+    ours.eval(), reference.eval()
+    with torch.no_grad():
+        diff = (ours(pixels, prompt, decoder_ids) - hf_logits(decoder_ids)).abs().max().item()
+    print(f"florence2: base, 1 image {cfg.image_size} px ({n_image} image tokens), 10 prompt tokens, fp32, CPU, "
+          f"{torch.get_num_threads()} threads, transformers attention {reference.config._attn_implementation}; "
+          f"max |ours - transformers| logits = {diff:.1e}")
+
+    def train_step(logits_fn, model):
+        def step():
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(logits_fn().flatten(0, 1), targets.flatten()).backward()
+        return step
+
+    ours.train(), reference.train()
+    ours_s, hf_s = time_alternating(train_step(lambda: ours(pixels, prompt, decoder_ids), ours),
+                                    train_step(lambda: hf_logits(decoder_ids), reference), warmup=1, reps=3)
+    grad_diff = (ours.embed_tokens.weight.grad - reference.model.language_model.shared.weight.grad).abs().max()
+    report(f"florence2 forward+backward, 32 target tokens (max |grad diff| of the token embedding "
+           f"{grad_diff.item():.1e})", ours_s, hf_s, "transformers")
+    ours.zero_grad(set_to_none=True), reference.zero_grad(set_to_none=True)
+
+    ours.eval(), reference.eval()
+    for beams in (1, 3):
+        out = {}
+        beam_options = dict(early_stopping=True, length_penalty=1.0) if beams > 1 else {}  # our defaults
+
+        def ours_generate():
+            out["ours"] = ours.generate(pixels, prompt, max_new_tokens=32, num_beams=beams)
+
+        def hf_generate():
+            with torch.no_grad():
+                out["transformers"] = reference.generate(
+                    pixel_values=pixels, input_ids=hf_prompt, max_new_tokens=32, num_beams=beams, do_sample=False,
+                    no_repeat_ngram_size=0, **beam_options)
+
+        ours_s, hf_s = time_alternating(ours_generate, hf_generate, warmup=1, reps=3)
+        same = out["ours"].tolist() == out["transformers"].tolist()
+        lengths = out["ours"].shape[1] - 1, out["transformers"].shape[1] - 1
+        report(f"florence2 {'greedy' if beams == 1 else f'{beams}-beam'} generation, new tokens ours/transformers "
+               f"{lengths[0]}/{lengths[1]}, ids identical: {same}", ours_s, hf_s, "transformers")
 
 
 BENCHES = {name[len("bench_"):]: fn for name, fn in dict(globals()).items() if name.startswith("bench_")}
