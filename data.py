@@ -162,7 +162,8 @@ def _where(box, size: float) -> str:
             ("at the bottom left", "at the bottom", "at the bottom right"))[row][col]
 
 
-def _join(parts: list[str]) -> str:
+def join_phrases(parts: list[str]) -> str:
+    """["a", "b", "c"] -> "a, b and c"."""
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -170,8 +171,9 @@ def _a(words: str) -> str:
     return ("an " if words[0] in "aeiou" else "a ") + words  # "an orange circle"
 
 
-def _phrase(count: int, words: str) -> str:
-    # "a large red circle" / "two large red circles"
+def phrase(count: int, words: str) -> str:
+    """(1, "large red circle") -> "a large red circle"; (2, ...) -> "two large red circles". Public: florence2
+    names the caption's phrases with it."""
     return _a(words) if count == 1 else f"{NUMBER_WORDS[count]} {words}s"
 
 
@@ -336,7 +338,7 @@ class ShapesWorld:
         _referring_expressions(objects)
         described = [f"{o['size']} {o['color']} {o['category']}" for o in objects]
         groups = list(dict.fromkeys(described))
-        caption = _join([_phrase(described.count(g), g) for g in groups])
+        caption = join_phrases([phrase(described.count(g), g) for g in groups])
         sentences = [f"A {d} {_where(o['box'], size)}." for d, o in zip(described, objects)]
         relations = [f"{a['ref'].capitalize()} is {_relation(a, b)} {b['ref']}." for a, b in zip(objects, objects[1:])]
         count = len(objects)
@@ -346,7 +348,7 @@ class ShapesWorld:
             long.append(f'The word "{words[0]["text"]}" is written {_where(words[0]["box"], size)}.')
         elif words:
             quoted = [f'"{w["text"]}"' for w in words]
-            long.append(f"The words {_join(quoted)} are written in the image.")
+            long.append(f"The words {join_phrases(quoted)} are written in the image.")
         return {
             "image": image,
             "caption": caption,
@@ -430,7 +432,7 @@ class ShapesVideo:
             for obj in objects:
                 draw.polygon([(x * ss, y * ss) for x, y in obj["polygons"][t]], fill=COLOR_RGB[obj["color"]])
             frames.append(frame.reduce(ss) if ss > 1 else frame)
-        names = _join([_a(f"{o['color']} {o['category']}") for o in objects])
+        names = join_phrases([_a(f"{o['color']} {o['category']}") for o in objects])
         return {
             "frames": frames,
             "motion": motion,
@@ -453,20 +455,22 @@ class DataError(ValueError):
     problems with a whole file (missing, unsupported type, unreadable tar) start with "<file>:" alone."""
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # Pillow asks for this step before palette transparency can be dropped
-    return img.convert("RGB")
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode -> RGB. Transparency (an alpha band, or a palette / colour-key "transparency") is composited onto
+    white, as the transformers image processors do: plain conversion would keep the colour hidden under alpha 0,
+    often black, so a transparent logo would come out on black."""
+    if {"A", "a"} & set(img.getbands()) or img.info.get("transparency") is not None:
+        img = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def load_image(path, where: str) -> Image.Image:
     """Open an image file (a path, or the raw bytes of one), apply its EXIF rotation and return it fully decoded as
-    RGB, so a corrupt or truncated file fails here, with `where` ("file:line: field 'image'") in the message."""
+    RGB (transparency composited onto white, see to_rgb), so a corrupt or truncated file fails here, with `where` ("file:line: field 'image'") in the message."""
     try:
         with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
-            return _to_rgb(ImageOps.exif_transpose(img))
+            return to_rgb(ImageOps.exif_transpose(img))
     except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
         what = "cannot decode image bytes" if isinstance(path, bytes) else f"cannot open '{path}'"
         raise DataError(f"{where}: {what}: {getattr(e, 'strerror', None) or e}") from e
@@ -519,7 +523,7 @@ class ImageTextFile:
             try:
                 if isinstance(row, str):  # a row that could not be parsed: the reason
                     raise DataError(f"{where}: {row}")
-                self.items.append(self._validate(row, where))
+                self.items.append(self.validate(row, where))
             except DataError as e:
                 if not skip_bad:
                     raise
@@ -570,7 +574,9 @@ class ImageTextFile:
                 continue
             yield where, row if isinstance(row, dict) else f"expected a JSON object, found {type(row).__name__}"
 
-    def _validate(self, row: dict, where: str) -> tuple[str, str, str]:
+    def validate(self, row: dict, where: str) -> tuple[str, str, str]:
+        """A parsed row -> (image path, caption, where), or DataError. Subclasses override it to check and keep
+        more fields (florence2.TaskFile); whatever it returns as the caption comes back in ds[i]["caption"]."""
         for field in (self.image_field, self.caption_field):
             value = row.get(field)
             if value is None:
@@ -685,7 +691,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def to_tensor(img: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """PIL image (any mode) -> normalised float tensor (3, H, W)."""
-    x = torch.from_numpy(np.array(_to_rgb(img), dtype=np.float32))  # (H, W, 3) in 0..255
+    x = torch.from_numpy(np.array(to_rgb(img), dtype=np.float32))  # (H, W, 3) in 0..255
     x = x.permute(2, 0, 1).div_(255)  # (3, H, W) in 0..1
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
@@ -739,7 +745,7 @@ class ImageTransform:
         self.mean, self.std = mean, std
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        img = _to_rgb(img)
+        img = to_rgb(img)
         if self.train:
             rng = rng or random
             img = random_resized_crop(img, self.size, self.scale, self.ratio, rng)

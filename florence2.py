@@ -1137,11 +1137,11 @@ def _description(obj):  # "large red circle": a region's description (dense capt
 
 def _caption_phrases(sample):
     """The caption's phrases with their objects, in caption order: [("two small blue stars", [obj, obj]), ...].
-    They are made by data._phrase, the function that wrote the caption, so they are its exact words."""
+    They are made by data.phrase, the function that wrote the caption, so they are its exact words."""
     groups = {}
     for obj in sample["objects"]:
         groups.setdefault(_description(obj), []).append(obj)
-    return [(data._phrase(len(objs), name), objs) for name, objs in groups.items()]
+    return [(data.phrase(len(objs), name), objs) for name, objs in groups.items()]
 
 
 OCR_TASKS = ("<OCR>", "<OCR_WITH_REGION>", "<REGION_TO_OCR>")  # only for samples with words
@@ -1217,8 +1217,8 @@ class TaskFile(data.ImageTextFile):
     def __init__(self, path, image_root=None, skip_bad=False):
         super().__init__(path, image_root=image_root, caption_field="target", skip_bad=skip_bad)
 
-    def _validate(self, row, where):
-        image, target, where = super()._validate(row, where)  # "image" and "target": non-empty strings
+    def validate(self, row, where):
+        image, target, where = super().validate(row, where)  # "image" and "target": non-empty strings
         task, text_input = row.get("task"), row.get("input")
         if task is None:
             raise data.DataError(f"{where}: field 'task' is missing")
@@ -1234,7 +1234,7 @@ class TaskFile(data.ImageTextFile):
         return image, {"task": task, "input": text_input.strip() if text_input else None, "target": target}, where
 
     def __getitem__(self, index):
-        sample = super().__getitem__(index)  # {"image", "caption": what _validate kept, "source"}, or None
+        sample = super().__getitem__(index)  # {"image", "caption": what validate kept, "source"}, or None
         return None if sample is None else {"image": sample["image"], **sample["caption"], "source": sample["source"]}
 
 
@@ -1344,9 +1344,7 @@ def preprocess(image, size):
     """The released processor's image path: RGB (transparency composited onto white), resized to size x size
     (the aspect ratio is not kept: boxes are relative to the image, so they are unchanged), bicubic,
     ImageNet-normalised -> (3, size, size)."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255)), image.convert("RGBA"))
-    image = image if image.mode == "RGB" else image.convert("RGB")
+    image = data.to_rgb(image)  # before resizing: a resize must not mix in the colours hidden under alpha 0
     return data.to_tensor(image.resize((size, size), Image.BICUBIC), data.IMAGENET_MEAN, data.IMAGENET_STD)
 
 

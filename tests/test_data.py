@@ -431,6 +431,25 @@ def test_load_image_converts_every_mode_to_rgb(tmp_path):
         load_image(b"nope", "here")
 
 
+def test_load_image_composites_transparency_on_white(tmp_path):
+    rgba = Image.new("RGBA", (3, 1), (10, 20, 30, 0))  # fully transparent: its hidden colour must not show
+    rgba.putpixel((1, 0), (10, 20, 30, 255))  # opaque
+    rgba.putpixel((2, 0), (200, 0, 0, 128))  # half: halfway to white
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([0, 0, 0, 40, 50, 60])
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 0  # palette index 0 (black) is transparent
+    la = Image.new("LA", (1, 1), (0, 0))
+    for i, img in enumerate([rgba, palette, la]):
+        img.save(tmp_path / f"{i}.png")
+    out = load_image(str(tmp_path / "0.png"), "here")
+    assert out.mode == "RGB" and out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 0)) == (10, 20, 30)
+    assert out.getpixel((2, 0)) == pytest.approx((227, 127, 127), abs=1)
+    out = load_image(str(tmp_path / "1.png"), "here")
+    assert (out.getpixel((0, 0)), out.getpixel((1, 0))) == ((255, 255, 255), (40, 50, 60))
+    assert load_image((tmp_path / "2.png").read_bytes(), "here").getpixel((0, 0)) == (255, 255, 255)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # image transforms
 

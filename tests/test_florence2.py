@@ -411,7 +411,7 @@ def test_shapes_targets_round_trip_through_post_process():
                         assert close(flat(got["bboxes"]), boxes(objects), wh)
                     elif task == "<CAPTION_TO_PHRASE_GROUNDING>" and grounding == "caption":
                         phrases = f2._caption_phrases(s)
-                        assert text_input == s["caption"] == data._join([p for p, _ in phrases])
+                        assert text_input == s["caption"] == data.join_phrases([p for p, _ in phrases])
                         assert got["labels"] == [p for p, objs in phrases for _ in objs]
                         assert close(flat(got["bboxes"]), [v for _, objs in phrases for v in boxes(objs)], wh)
                     elif task == "<CAPTION_TO_PHRASE_GROUNDING>":
