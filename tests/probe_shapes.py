@@ -4,11 +4,15 @@
     python tests/probe_shapes.py --arch coswin --norm batch         # ... with BatchNorm in place of its LayerNorms
     python tests/probe_shapes.py --arch coswin --init torch         # ... with PyTorch's default init
     python tests/probe_shapes.py --arch cnn --steps 300             # a plain 8-conv BatchNorm CNN
+    python tests/probe_shapes.py --arch cnn --unicl --eval_interval=500   # `python train.py` with that CNN as the
+                                                                          # image tower (any train.py flags follow)
 
 Supervised 36-way colour x shape cross-entropy on the same single-object 48 px images as the toy UniCL run (20k
 distinct training images, 720 val images), batch 128, AdamW with warmup + cosine. Prints the val accuracy of the
 predicted shape and colour every 100 steps. The toy UniCL run sees 128k samples (1000 steps x 128) in its 5 minutes;
 this tells whether an image tower can learn shape in that many, separately from the contrastive objective.
+With --unicl it runs the real thing instead, `train.py`'s UniCL stage with the probe's image tower in place of the toy
+CoSwin, to tell whether the rest of the recipe (text tower, loss, schedule, evaluation) is what holds shape back.
 """
 import argparse
 import math
@@ -62,6 +66,38 @@ def cnn(width):
                          nn.AdaptiveAvgPool2d(1), nn.Flatten()), 4 * w
 
 
+def build_tower(args):
+    """-> (image tower: images (B, 3, H, W) -> pooled features (B, F), F)."""
+    if args.arch == "cnn":
+        return cnn(args.width)
+    encoder = coswin.CoSwin(replace(coswin.CONFIGS["toy"], num_classes=0))
+    if args.norm == "batch":
+        swap_layernorms(encoder)
+    if args.init == "torch":  # std 0.02 is small for width 24: PyTorch's default is ~1/sqrt(fan_in)
+        for m in encoder.modules():
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
+            if isinstance(m, coswin.WindowAttention):
+                nn.init.normal_(m.relative_position_bias_table, std=1.0)
+    return encoder, encoder.num_features
+
+
+def run_unicl(args, train_flags):
+    """train.py's UniCL stage with build_tower's image tower swapped into the two-tower model."""
+    import train
+    import unicl
+
+    def build_model(cfg, tokenizer):
+        model = unicl.UniCL(cfg, tokenizer.n_vocab)
+        model.visual, features = build_tower(args)
+        model.image_proj = nn.Linear(features, cfg.embed_dim, bias=False)
+        nn.init.normal_(model.image_proj.weight, std=features ** -0.5)  # as UniCL inits its projections
+        return model
+
+    unicl.build_model = build_model
+    train.main(["--stage", "unicl", *train_flags])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", choices=("coswin", "cnn"), default="coswin")
@@ -73,27 +109,21 @@ def main():
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--size", type=int, default=48)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = p.parse_args()
+    p.add_argument("--unicl", action="store_true", help="run train.py's UniCL stage with this image tower; the "
+                   "flags after --unicl are train.py's (--max_iters, --lr, ...), --steps/--lr/--size do not apply")
+    argv = sys.argv[1:]
+    cut = argv.index("--unicl") + 1 if "--unicl" in argv else len(argv)
+    args, train_flags = p.parse_args(argv[:cut]), argv[cut:]
     torch.set_num_threads(args.threads)
+    if args.unicl:
+        return run_unicl(args, train_flags)
     torch.manual_seed(0)
     start = time.time()
     x_train, y_train = render("train", 20000, args.size)
     x_val, y_val = render("val", 720, args.size)
     print(f"rendered 20720 images in {time.time() - start:.0f} s", flush=True)
 
-    if args.arch == "coswin":
-        encoder = coswin.CoSwin(replace(coswin.CONFIGS["toy"], num_classes=0))
-        features = encoder.num_features
-        if args.norm == "batch":
-            swap_layernorms(encoder)
-        if args.init == "torch":  # std 0.02 is small for width 24: PyTorch's default is ~1/sqrt(fan_in)
-            for m in encoder.modules():
-                if isinstance(m, nn.Linear):
-                    m.reset_parameters()
-                if isinstance(m, coswin.WindowAttention):
-                    nn.init.normal_(m.relative_position_bias_table, std=1.0)
-    else:
-        encoder, features = cnn(args.width)
+    encoder, features = build_tower(args)
     model = nn.Sequential(encoder, nn.Linear(features, len(data.COLORS) * len(data.SHAPES)))
     print(f"{args.arch} ({args.norm if args.arch == 'coswin' else 'batch'} norm, {args.init} init): "
           f"{sum(q.numel() for q in model.parameters()) / 1e6:.2f}M parameters")
