@@ -38,8 +38,8 @@ class CoSwinConfig:
 
 
 CONFIGS: dict[str, CoSwinConfig] = {
-    # CPU-sized for the UniCL toy stage at 64 px: maps 16, 8, 4, 2 with a 4x4 window, 0.93M parameters; a batch of
-    # 64 trains (forward + backward) in about 110 ms of CPU time on one core (embed_dim 32 would take 175 ms).
+    # CPU-sized for the UniCL toy stage at 48 px: maps 12, 6, 3, 2 with a 4x4 window, 0.93M parameters; at 64 px a
+    # batch of 64 trained (forward + backward) in about 110 ms of CPU time on one core (embed_dim 32: 175 ms).
     "toy": CoSwinConfig(embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0),
     # Swin-T/S/B/L widths and depths (Swin section 3.3, 224 px with window 7) and Swin's drop path rates,
     # with CvT conv embeddings.
@@ -150,8 +150,10 @@ class WindowAttention(nn.Module):
         if x.is_cuda if self.fused is None else self.fused:
             # the production view (timm's fused path): bias and shift/padding mask folded into one additive
             # attn_mask for the fused kernel, windows x heads as one "head" axis (the 4-D layout it takes)
-            q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, B, nW * heads, N, hd).unbind(0)  # 3 x (B, nW*heads, N, hd)
-            attn_mask = attn_mask.expand(nW, -1, -1, -1).reshape(nW * heads, N, N).to(q.dtype)  # q's dtype under autocast
+            qkv = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, B, nW * heads, N, hd)  # (3, B, nW*heads, N, hd)
+            q, k, v = qkv.unbind(0)
+            attn_mask = attn_mask.expand(nW, -1, -1, -1).reshape(nW * heads, N, N)  # (nW*heads, N, N)
+            attn_mask = attn_mask.to(q.dtype)  # q's dtype under autocast
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).view(B, nW, heads, N, hd)
         else:
             # on CPU, SDPA with a mask that needs a gradient falls back to a slower path than Eq. 4 written out

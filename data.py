@@ -467,7 +467,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def load_image(path, where: str) -> Image.Image:
     """Open an image file (a path, or the raw bytes of one), apply its EXIF rotation and return it fully decoded as
-    RGB (transparency composited onto white, see to_rgb), so a corrupt or truncated file fails here, with `where` ("file:line: field 'image'") in the message."""
+    RGB (transparency composited onto white, see to_rgb), so a corrupt or truncated file fails here, with `where`
+    ("file:line: field 'image'") in the message."""
     try:
         with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
             return to_rgb(ImageOps.exif_transpose(img))

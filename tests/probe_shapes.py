@@ -61,9 +61,8 @@ def cnn(width):
     def block(c_in, c_out):  # two 3x3 convs with BatchNorm + ReLU, then a 2x2 max pool
         return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
                 nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
-    w = width
-    return nn.Sequential(*block(3, w), *block(w, 2 * w), *block(2 * w, 4 * w), *block(4 * w, 4 * w),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten()), 4 * w
+    return nn.Sequential(*block(3, width), *block(width, 2 * width), *block(2 * width, 4 * width),
+                         *block(4 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten()), 4 * width
 
 
 def build_tower(args):
@@ -87,8 +86,10 @@ def run_unicl(args, train_flags):
     import train
     import unicl
 
+    build_unicl = unicl.build_model
+
     def build_model(cfg, tokenizer):
-        model = unicl.UniCL(cfg, tokenizer.n_vocab)
+        model = build_unicl(cfg, tokenizer)
         model.visual, features = build_tower(args)
         model.image_proj = nn.Linear(features, cfg.embed_dim, bias=False)
         nn.init.normal_(model.image_proj.weight, std=features ** -0.5)  # as UniCL inits its projections
