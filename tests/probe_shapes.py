@@ -3,9 +3,12 @@
     python tests/probe_shapes.py --arch coswin --steps 400          # the toy CoSwin of `python train.py`
     python tests/probe_shapes.py --arch coswin --norm batch         # ... with BatchNorm in place of its LayerNorms
     python tests/probe_shapes.py --arch coswin --init torch         # ... with PyTorch's default init
+    python tests/probe_shapes.py --arch coswin --cfg "embed='patch'"  # ... as plain Swin (patch embedding)
+    python tests/probe_shapes.py --arch timm_swin                   # timm's Swin at that size (test-only dependency)
     python tests/probe_shapes.py --arch cnn --steps 300             # a plain 8-conv BatchNorm CNN
     python tests/probe_shapes.py --arch cnn --unicl --eval_interval=500   # `python train.py` with that CNN as the
                                                                           # image tower (any train.py flags follow)
+    python tests/probe_shapes.py --arch cnn --width 32 --florence2 '--tasks=<CAPTION>' --max_objects=1  # Florence-2
 
 Supervised 36-way colour x shape cross-entropy on the same single-object 48 px images as the toy UniCL run (20k
 distinct training images, 720 val images), batch 128, AdamW with warmup + cosine. Prints the val accuracy of the
@@ -13,6 +16,7 @@ predicted shape and colour every 100 steps. The toy UniCL run sees 128k samples 
 this tells whether an image tower can learn shape in that many, separately from the contrastive objective.
 With --unicl it runs the real thing instead, `train.py`'s UniCL stage with the probe's image tower in place of the toy
 CoSwin, to tell whether the rest of the recipe (text tower, loss, schedule, evaluation) is what holds shape back.
+--florence2 does the same for `train.py --stage florence2`, with the CNN's last map in place of the toy DaViT's.
 """
 import argparse
 import math
@@ -69,7 +73,15 @@ def build_tower(args):
     """-> (image tower: images (B, 3, H, W) -> pooled features (B, F), F)."""
     if args.arch == "cnn":
         return cnn(args.width)
-    encoder = coswin.CoSwin(replace(coswin.CONFIGS["toy"], num_classes=0))
+    if args.arch == "timm_swin":  # a reference Swin of the toy's size (patch embedding), to rule out a bug of ours
+        from timm.models.swin_transformer import SwinTransformer
+        toy = coswin.CONFIGS["toy"]
+        encoder = SwinTransformer(img_size=args.size, patch_size=toy.patch_size, embed_dim=toy.embed_dim,
+                                  depths=toy.depths, num_heads=toy.num_heads, window_size=toy.window_size,
+                                  drop_path_rate=toy.drop_path_rate, num_classes=0)
+        return encoder, encoder.num_features
+    overrides = {k: eval(v) for k, v in (kv.split("=", 1) for kv in args.cfg)}  # e.g. depths=(2,2,2,1)
+    encoder = coswin.CoSwin(replace(coswin.CONFIGS["toy"], num_classes=0, **overrides))
     if args.norm == "batch":
         swap_layernorms(encoder)
     if args.init == "torch":  # std 0.02 is small for width 24: PyTorch's default is ~1/sqrt(fan_in)
@@ -99,12 +111,32 @@ def run_unicl(args, train_flags):
     train.main(["--stage", "unicl", *train_flags])
 
 
+def run_florence2(args, train_flags):
+    """train.py's Florence-2 stage with the probe's image tower in place of DaViT: its last feature map (before the
+    pooling) feeds the image projection, whose width must match (--width 32: 128 channels = the toy DaViT's)."""
+    import florence2
+    import train
+
+    if args.arch != "cnn":
+        raise SystemExit("--florence2 swaps in the CNN only (--arch cnn); the toy DaViT is `train.py --stage florence2`")
+    build_florence2 = florence2.build_model
+
+    def build_model(cfg, tokenizer):
+        model = build_florence2(cfg, tokenizer)
+        model.vision_tower = build_tower(args)[0][:-2]  # (B, 4 * width, H/16, W/16): no pooling, no flatten
+        return model
+
+    florence2.build_model = build_model
+    train.main(["--stage", "florence2", *train_flags])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arch", choices=("coswin", "cnn"), default="coswin")
+    p.add_argument("--arch", choices=("coswin", "cnn", "timm_swin"), default="coswin")
     p.add_argument("--norm", choices=("layer", "batch"), default="layer", help="coswin: keep or swap its LayerNorms")
     p.add_argument("--init", choices=("swin", "torch"), default="swin",
                    help="coswin: Swin's std-0.02 Linear init, or PyTorch's default (fan-in) init + bias tables std 1")
+    p.add_argument("--cfg", nargs="*", default=[], help="coswin: toy config overrides, e.g. depths=(2,2,2,1)")
     p.add_argument("--width", type=int, default=16, help="cnn: channels of the first block")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -112,12 +144,15 @@ def main():
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--unicl", action="store_true", help="run train.py's UniCL stage with this image tower; the "
                    "flags after --unicl are train.py's (--max_iters, --lr, ...), --steps/--lr/--size do not apply")
+    p.add_argument("--florence2", action="store_true", help="the same for train.py's Florence-2 stage (--arch cnn)")
     argv = sys.argv[1:]
-    cut = argv.index("--unicl") + 1 if "--unicl" in argv else len(argv)
+    cut = next((argv.index(f) + 1 for f in ("--unicl", "--florence2") if f in argv), len(argv))
     args, train_flags = p.parse_args(argv[:cut]), argv[cut:]
     torch.set_num_threads(args.threads)
     if args.unicl:
         return run_unicl(args, train_flags)
+    if args.florence2:
+        return run_florence2(args, train_flags)
     torch.manual_seed(0)
     start = time.time()
     x_train, y_train = render("train", 20000, args.size)
@@ -126,7 +161,8 @@ def main():
 
     encoder, features = build_tower(args)
     model = nn.Sequential(encoder, nn.Linear(features, len(data.COLORS) * len(data.SHAPES)))
-    print(f"{args.arch} ({args.norm if args.arch == 'coswin' else 'batch'} norm, {args.init} init): "
+    norm = {"coswin": f"{args.norm} norm, {args.init} init", "cnn": "batch norm", "timm_swin": "layer norm"}[args.arch]
+    print(f"{args.arch} ({norm}{', ' + ' '.join(args.cfg) if args.cfg else ''}): "
           f"{sum(q.numel() for q in model.parameters()) / 1e6:.2f}M parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     start, shapes = time.time(), len(data.SHAPES)
