@@ -19,6 +19,7 @@ CoSwin, to tell whether the rest of the recipe (text tower, loss, schedule, eval
 --florence2 does the same for `train.py --stage florence2`, with the CNN's last map in place of the toy DaViT's.
 """
 import argparse
+import ast
 import math
 import os
 import sys
@@ -80,7 +81,7 @@ def build_tower(args):
                                   depths=toy.depths, num_heads=toy.num_heads, window_size=toy.window_size,
                                   drop_path_rate=toy.drop_path_rate, num_classes=0)
         return encoder, encoder.num_features
-    overrides = {k: eval(v) for k, v in (kv.split("=", 1) for kv in args.cfg)}  # e.g. depths=(2,2,2,1)
+    overrides = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.cfg)}  # e.g. depths=(2,2,2,1)
     encoder = coswin.CoSwin(replace(coswin.CONFIGS["toy"], num_classes=0, **overrides))
     if args.norm == "batch":
         swap_layernorms(encoder)
@@ -123,6 +124,9 @@ def run_florence2(args, train_flags):
 
     def build_model(cfg, tokenizer):
         model = build_florence2(cfg, tokenizer)
+        if 4 * args.width != model.cfg.vision.embed_dims[-1]:
+            raise SystemExit(f"--width {args.width}: the image projection takes {model.cfg.vision.embed_dims[-1]} "
+                             f"channels, so use --width {model.cfg.vision.embed_dims[-1] // 4}")
         model.vision_tower = build_tower(args)[0][:-2]  # (B, 4 * width, H/16, W/16): no pooling, no flatten
         return model
 
