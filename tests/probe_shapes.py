@@ -94,44 +94,42 @@ def build_tower(args):
     return encoder, encoder.num_features
 
 
-def run_unicl(args, train_flags):
-    """train.py's UniCL stage with build_tower's image tower swapped into the two-tower model."""
+def run_stage(stage, train_flags, swap):
+    """train.py's `stage` with the model that stage's build_model returns passed through swap(model, cfg) first."""
+    import importlib
+
     import train
-    import unicl
 
-    build_unicl = unicl.build_model
+    module = importlib.import_module(stage)
+    build = module.build_model
+    module.build_model = lambda cfg, tokenizer: swap(build(cfg, tokenizer), cfg)
+    train.main(["--stage", stage, *train_flags])
 
-    def build_model(cfg, tokenizer):
-        model = build_unicl(cfg, tokenizer)
+
+def unicl_swap(args):
+    """build_tower's image tower in place of UniCL's CoSwin, with a fresh projection of its width."""
+    def swap(model, cfg):
         model.visual, features = build_tower(args)
         model.image_proj = nn.Linear(features, cfg.embed_dim, bias=False)
         nn.init.normal_(model.image_proj.weight, std=features ** -0.5)  # as UniCL inits its projections
         return model
-
-    unicl.build_model = build_model
-    train.main(["--stage", "unicl", *train_flags])
+    return swap
 
 
-def run_florence2(args, train_flags):
-    """train.py's Florence-2 stage with the probe's image tower in place of DaViT: its last feature map (before the
-    pooling) feeds the image projection, whose width must match (--width 32: 128 channels = the toy DaViT's)."""
-    import florence2
-    import train
-
+def florence2_swap(args):
+    """The CNN in place of DaViT: its last feature map (before the pooling) feeds the image projection, whose width
+    must match (--width 32: 128 channels = the toy DaViT's)."""
     if args.arch != "cnn":
         raise SystemExit("--florence2 swaps in the CNN only (--arch cnn); the toy DaViT is `train.py --stage florence2`")
-    build_florence2 = florence2.build_model
 
-    def build_model(cfg, tokenizer):
-        model = build_florence2(cfg, tokenizer)
-        if 4 * args.width != model.cfg.vision.embed_dims[-1]:
-            raise SystemExit(f"--width {args.width}: the image projection takes {model.cfg.vision.embed_dims[-1]} "
-                             f"channels, so use --width {model.cfg.vision.embed_dims[-1] // 4}")
+    def swap(model, cfg):
+        channels = model.cfg.vision.embed_dims[-1]
+        if 4 * args.width != channels:
+            raise SystemExit(f"--width {args.width}: the image projection takes {channels} channels, "
+                             f"so use --width {channels // 4}")
         model.vision_tower = build_tower(args)[0][:-2]  # (B, 4 * width, H/16, W/16): no pooling, no flatten
         return model
-
-    florence2.build_model = build_model
-    train.main(["--stage", "florence2", *train_flags])
+    return swap
 
 
 def main():
@@ -154,9 +152,9 @@ def main():
     args, train_flags = p.parse_args(argv[:cut]), argv[cut:]
     torch.set_num_threads(args.threads)
     if args.unicl:
-        return run_unicl(args, train_flags)
+        return run_stage("unicl", train_flags, unicl_swap(args))
     if args.florence2:
-        return run_florence2(args, train_flags)
+        return run_stage("florence2", train_flags, florence2_swap(args))
     torch.manual_seed(0)
     start = time.time()
     x_train, y_train = render("train", 20000, args.size)
