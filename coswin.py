@@ -16,6 +16,8 @@ last dimension without permutes.
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -27,6 +29,7 @@ class CoSwinConfig:
     in_chans: int = 3            # input image channels
     embed: str = "conv"          # "conv" = CvT ConvEmbed (CoSwin); "patch" = plain Swin patch embedding + patch merging
     patch_size: int = 4          # "patch" mode only: side of the square patch embedded by stage 1
+    stem: tuple = ()             # widths of a BatchNorm conv stem that replaces stage 1's embedding (section 1b); () = none
     embed_dim: int = 96          # channels of stage 1; each later stage doubles them
     depths: tuple = (2, 2, 6, 2)          # Swin blocks per stage
     num_heads: tuple = (3, 6, 12, 24)     # attention heads per stage
@@ -38,9 +41,14 @@ class CoSwinConfig:
 
 
 CONFIGS: dict[str, CoSwinConfig] = {
-    # CPU-sized for the UniCL toy stage at 48 px: maps 12, 6, 3, 2 with a 4x4 window, 0.93M parameters; at 64 px a
-    # batch of 64 trained (forward + backward) in about 110 ms of CPU time on one core (embed_dim 32: 175 ms).
-    "toy": CoSwinConfig(embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0),
+    # CPU-sized for the UniCL toy stage at 48 px. A toy-only deviation: a 5-conv BatchNorm stem (section 1b) makes the
+    # stage-1 tokens (stride 8, maps 6, 3, 2 with a 4x4 window), 0.96M parameters. "toy_cvt" is the same size with
+    # CoSwin's own 7x7/4 conv embedding (maps 12, 6, 3, 2), 0.93M: at 48 px and 5 minutes of CPU it learns the colour of
+    # a Shapes-world object but hardly its shape (README, "Why the toy has a conv stem"), the stem version learns both.
+    "toy": CoSwinConfig(stem=(16, 32, 48), embed_dim=48, depths=(1, 2, 1), num_heads=(2, 4, 8), window_size=4,
+                        drop_path_rate=0.0),
+    "toy_cvt": CoSwinConfig(embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4,
+                            drop_path_rate=0.0),
     # Swin-T/S/B/L widths and depths (Swin section 3.3, 224 px with window 7) and Swin's drop path rates,
     # with CvT conv embeddings.
     "T": CoSwinConfig(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),
@@ -103,6 +111,54 @@ class PatchMerging(nn.Module):
         # Swin's concat order is [x(0,0), x(1,0), x(0,1), x(1,1)] for (row, col) offsets: column offset outermost
         x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5)  # (B, H/2, W/2, dcol, drow, C)
         return self.reduction(self.norm(x.reshape(B, H // 2, W // 2, 4 * C)))  # (B, H/2, W/2, 2C)
+
+
+# 1b. A convolutional stem, for the CPU toy only (not in Florence). At toy size and a few minutes of training, a window
+# transformer fed by one 7x7/4 conv learns the colour of small objects but hardly their shape: timm's own Swin of that
+# size does the same, while a small BatchNorm CNN learns shape ~10x faster (README). Putting a few BatchNorm convs in
+# front, as hybrid ViTs do (Dosovitskiy et al. 2021 section 3.1; Xiao et al. 2021, "Early convolutions help
+# transformers see better"), gives the transformer stages tokens that already carry local shape. Each width is a block
+# of 3x3 conv-BN-ReLU (one conv on the full-resolution map, where convs cost most, two on later ones) and a 2x2 max
+# pool, so the stem has stride 2^len(widths); a LayerNorm then makes its output tokens like ConvEmbed's.
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics cover every rank's batch, so that a DDP run computes what one process
+    with the same global batch computes (tests/test_train.py). Per-channel sums are all-reduced; the differentiable
+    all_reduce sums their gradients back, which is exactly d(loss)/d(local sums). Two passes (the mean, then the
+    squared deviations from it) keep the variance as accurate as nn.BatchNorm2d's, which one process uses."""
+
+    def forward(self, x):  # x: (B, C, H, W)
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)  # one process: nn.BatchNorm2d's fused kernel (the formula below is ~25% slower)
+        n = dist_nn.all_reduce(x.new_full((1,), x.numel() / x.shape[1]))  # (1,) values per channel, global batch
+        mean = dist_nn.all_reduce(x.sum((0, 2, 3))) / n  # (C,)
+        var = dist_nn.all_reduce((x - mean[:, None, None]).square().sum((0, 2, 3))) / n  # (C,) biased: normalises
+        with torch.no_grad():  # running statistics as nn.BatchNorm2d keeps them (unbiased variance)
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        x = (x - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + self.eps)  # (B, C, H, W)
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+class ConvStem(nn.Module):
+    def __init__(self, in_chans, widths, dim):
+        super().__init__()
+        if widths[-1] != dim:
+            raise ValueError(f"the stem's last width {widths[-1]} must equal embed_dim {dim}")
+        layers, c = [], in_chans
+        for i, w in enumerate(widths):
+            for _ in range(1 if i == 0 else 2):
+                layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), GlobalBatchNorm2d(w), nn.ReLU(inplace=True)]
+                c = w
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))  # ceil: odd sides keep their last row/column
+        # channels-last memory: faster convs on CPU, and the (B, H, W, C) view the stages take is then free
+        self.convs = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):  # x: (B, C_in, H, W) -> (B, ceil(H/s), ceil(W/s), dim), s = 2^len(widths)
+        x = self.convs(x.contiguous(memory_format=torch.channels_last))  # (B, dim, H/s, W/s), channels-last
+        return self.norm(x.permute(0, 2, 3, 1))  # (B, H/s, W/s, dim)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -318,7 +374,9 @@ class CoSwin(nn.Module):
         drop_paths = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist()
         self.stages = nn.ModuleList()
         for i, (depth, heads, dim) in enumerate(zip(cfg.depths, cfg.num_heads, self.feature_channels)):
-            if cfg.embed == "conv" and i == 0:  # CvT: 7x7 stride 4 on the image ...
+            if cfg.stem and i == 0:  # the toy's conv stem (section 1b), in either mode
+                embed = ConvStem(cfg.in_chans, cfg.stem, dim)
+            elif cfg.embed == "conv" and i == 0:  # CvT: 7x7 stride 4 on the image ...
                 embed = ConvEmbed(cfg.in_chans, dim, 7, 4, 2, channels_last_input=False)
             elif cfg.embed == "conv":  # ... and 3x3 stride 2 between stages, doubling the channels
                 embed = ConvEmbed(dim // 2, dim, 3, 2, 1, channels_last_input=True)
@@ -350,13 +408,15 @@ class CoSwin(nn.Module):
             stage.grad_checkpointing = enable
 
     def _check_input(self, x):
-        min_side = 3 if self.cfg.embed == "conv" else 1  # the 7x7/4 conv with padding 2 needs at least 3 pixels
+        # the 7x7/4 conv with padding 2 needs at least 3 pixels; patches and the stem take any size
+        min_side = 3 if self.cfg.embed == "conv" and not self.cfg.stem else 1
         if x.ndim != 4 or x.shape[1] != self.cfg.in_chans or min(x.shape[2:]) < min_side:
             raise ValueError(f"CoSwin expects images (B, {self.cfg.in_chans}, H, W) with H, W >= {min_side}, "
                              f"got shape {tuple(x.shape)}")
 
     def forward_features(self, x):
-        """x: (B, C, H, W) -> 4 maps (B, C_i, H_i, W_i), strides 4, 8, 16, 32, each after its own LayerNorm."""
+        """x: (B, C, H, W) -> 4 maps (B, C_i, H_i, W_i), strides 4, 8, 16, 32 (with a stem: 2^len(stem)
+        doubling per stage), each after its own LayerNorm."""
         self._check_input(x)
         features = []
         for stage, norm in zip(self.stages, self.norms):

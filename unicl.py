@@ -68,7 +68,7 @@ CONFIGS = {
 
 # Optimisation settings per named config; keys are train.py TrainConfig fields.
 TRAIN = {
-    "toy": dict(batch_size=128, max_iters=1000, lr=2e-3, warmup_iters=100, weight_decay=0.05, cache_samples=True,
+    "toy": dict(batch_size=128, max_iters=800, lr=2e-3, warmup_iters=100, weight_decay=0.05, cache_samples=True,
                 log_interval=100),
     "florence": dict(batch_size=24576, max_iters=100000, lr=1e-3, warmup_iters=5000, weight_decay=0.2),
 }

@@ -1,10 +1,11 @@
 """How many samples does an image tower need to tell the six Shapes-world shapes apart? A diagnostic, not a test.
 
-    python tests/probe_shapes.py --arch coswin --steps 400          # the toy CoSwin of `python train.py`
-    python tests/probe_shapes.py --arch coswin --norm batch         # ... with BatchNorm in place of its LayerNorms
-    python tests/probe_shapes.py --arch coswin --init torch         # ... with PyTorch's default init
-    python tests/probe_shapes.py --arch coswin --cfg "embed='patch'"  # ... as plain Swin (patch embedding)
-    python tests/probe_shapes.py --arch timm_swin                   # timm's Swin at that size (test-only dependency)
+    python tests/probe_shapes.py --arch coswin --steps 400          # the toy CoSwin of `python train.py` (conv stem)
+    python tests/probe_shapes.py --config toy_cvt                   # the toy size with CoSwin's own conv embedding
+    python tests/probe_shapes.py --config toy_cvt --norm batch      # ... with BatchNorm in place of its LayerNorms
+    python tests/probe_shapes.py --config toy_cvt --init torch      # ... with PyTorch's default init
+    python tests/probe_shapes.py --config toy_cvt --cfg "embed='patch'"  # ... as plain Swin (patch embedding)
+    python tests/probe_shapes.py --arch timm_swin                   # timm's Swin at toy_cvt's size (test-only)
     python tests/probe_shapes.py --arch cnn --steps 300             # a plain 8-conv BatchNorm CNN
     python tests/probe_shapes.py --arch cnn --unicl --eval_interval=500   # `python train.py` with that CNN as the
                                                                           # image tower (any train.py flags follow)
@@ -12,7 +13,7 @@
 
 Supervised 36-way colour x shape cross-entropy on the same single-object 48 px images as the toy UniCL run (20k
 distinct training images, 720 val images), batch 128, AdamW with warmup + cosine. Prints the val accuracy of the
-predicted shape and colour every 100 steps. The toy UniCL run sees 128k samples (1000 steps x 128) in its 5 minutes;
+predicted shape and colour every 100 steps. The toy UniCL run sees 102k samples (800 steps x 128) in its 5 minutes;
 this tells whether an image tower can learn shape in that many, separately from the contrastive objective.
 With --unicl it runs the real thing instead, `train.py`'s UniCL stage with the probe's image tower in place of the toy
 CoSwin, to tell whether the rest of the recipe (text tower, loss, schedule, evaluation) is what holds shape back.
@@ -76,13 +77,13 @@ def build_tower(args):
         return cnn(args.width)
     if args.arch == "timm_swin":  # a reference Swin of the toy's size (patch embedding), to rule out a bug of ours
         from timm.models.swin_transformer import SwinTransformer
-        toy = coswin.CONFIGS["toy"]
+        toy = coswin.CONFIGS["toy_cvt"]
         encoder = SwinTransformer(img_size=args.size, patch_size=toy.patch_size, embed_dim=toy.embed_dim,
                                   depths=toy.depths, num_heads=toy.num_heads, window_size=toy.window_size,
                                   drop_path_rate=toy.drop_path_rate, num_classes=0)
         return encoder, encoder.num_features
     overrides = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.cfg)}  # e.g. depths=(2,2,2,1)
-    encoder = coswin.CoSwin(replace(coswin.CONFIGS["toy"], num_classes=0, **overrides))
+    encoder = coswin.CoSwin(replace(coswin.CONFIGS[args.config], num_classes=0, **overrides))
     if args.norm == "batch":
         swap_layernorms(encoder)
     if args.init == "torch":  # std 0.02 is small for width 24: PyTorch's default is ~1/sqrt(fan_in)
@@ -138,7 +139,8 @@ def main():
     p.add_argument("--norm", choices=("layer", "batch"), default="layer", help="coswin: keep or swap its LayerNorms")
     p.add_argument("--init", choices=("swin", "torch"), default="swin",
                    help="coswin: Swin's std-0.02 Linear init, or PyTorch's default (fan-in) init + bias tables std 1")
-    p.add_argument("--cfg", nargs="*", default=[], help="coswin: toy config overrides, e.g. depths=(2,2,2,1)")
+    p.add_argument("--config", choices=list(coswin.CONFIGS), default="toy", help="coswin: the CoSwin config")
+    p.add_argument("--cfg", nargs="*", default=[], help="coswin: config overrides, e.g. depths=(2,2,2,1)")
     p.add_argument("--width", type=int, default=16, help="cnn: channels of the first block")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -164,7 +166,7 @@ def main():
     encoder, features = build_tower(args)
     model = nn.Sequential(encoder, nn.Linear(features, len(data.COLORS) * len(data.SHAPES)))
     norm = {"coswin": f"{args.norm} norm, {args.init} init", "cnn": "batch norm", "timm_swin": "layer norm"}[args.arch]
-    print(f"{args.arch} ({norm}{', ' + ' '.join(args.cfg) if args.cfg else ''}): "
+    print(f"{args.arch}{' ' + args.config if args.arch == 'coswin' else ''} ({norm}{', ' + ' '.join(args.cfg) if args.cfg else ''}): "
           f"{sum(q.numel() for q in model.parameters()) / 1e6:.2f}M parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     start, shapes = time.time(), len(data.SHAPES)

@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import timm
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from coswin import CONFIGS, CoSwin, Stage, count_parameters, load_timm_swin
@@ -175,7 +176,7 @@ def test_shifted_block_never_mixes_regions():
 @pytest.mark.parametrize("embed", ["conv", "patch"])
 @pytest.mark.parametrize("size", [(64, 64), (97, 131), (32, 32), (3, 5)])
 def test_any_input_size(embed, size):
-    cfg = replace(CONFIGS["toy"], embed=embed)
+    cfg = replace(CONFIGS["toy_cvt"], embed=embed)
     model = CoSwin(cfg).eval()
     H, W = size
     side = (lambda n: (n - 3) // 4 + 1) if embed == "conv" else (lambda n: -(-n // 4))  # stride-4 stem
@@ -192,8 +193,43 @@ def test_any_input_size(embed, size):
     assert torch.allclose(pooled, features[-1].mean(dim=(2, 3)), atol=1e-5)  # GAP of the normed last stage
 
 
-def test_window_plans_are_cached_per_size():
+@pytest.mark.parametrize("size", [(48, 48), (97, 131), (1, 1), (3, 300)])
+def test_conv_stem_any_input_size(size):
+    """The toy's stem: stride 2 per width with ceil (odd sides keep their edge), so any image of at least 1 x 1."""
     model = CoSwin(CONFIGS["toy"]).eval()
+    assert CONFIGS["toy"].stem == (16, 32, 48) and model.feature_channels == [48, 96, 192]
+    h, w = size
+    with torch.no_grad():
+        features, pooled = model.forward_features(torch.randn(2, 3, h, w)), model(torch.randn(2, 3, h, w))
+    for _ in range(3):  # three 2x2 max pools, ceil mode
+        h, w = -(-h // 2), -(-w // 2)
+    for i, f in enumerate(features):
+        assert f.shape == (2, model.feature_channels[i], h, w) and torch.isfinite(f).all()
+        h, w = -(-h // 2), -(-w // 2)
+    assert pooled.shape == (2, 192)
+    with pytest.raises(ValueError, match="last width 32 must equal embed_dim 48"):
+        CoSwin(replace(CONFIGS["toy"], stem=(16, 32)))
+
+
+def test_conv_stem_learns_in_train_mode_and_uses_running_stats_in_eval():
+    """Outside DDP the stem's GlobalBatchNorm2d is nn.BatchNorm2d: batch statistics in training (so a sample's
+    output depends on its batch), running statistics in eval (so it does not)."""
+    torch.manual_seed(0)
+    model = CoSwin(CONFIGS["toy"])
+    x = torch.randn(4, 3, 48, 48)
+    reference = nn.BatchNorm2d(16)
+    bn = model.stages[0].embed.convs[1]
+    reference.load_state_dict(bn.state_dict())
+    y = model.stages[0].embed.convs[0](x)
+    torch.testing.assert_close(bn(y), reference(y))
+    torch.testing.assert_close(bn.running_var, reference.running_var)
+    assert not torch.allclose(model(x)[:2], model(x[:2]))
+    model.eval()
+    torch.testing.assert_close(model(x)[:2], model(x[:2]), rtol=1e-5, atol=1e-6)
+
+
+def test_window_plans_are_cached_per_size():
+    model = CoSwin(CONFIGS["toy_cvt"]).eval()
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
         plans = model.stages[0].plans(16, 16, torch.device("cpu"))
@@ -202,7 +238,7 @@ def test_window_plans_are_cached_per_size():
 
 
 def test_plan_built_under_inference_mode_serves_training():
-    model = CoSwin(CONFIGS["toy"])
+    model = CoSwin(CONFIGS["toy_cvt"])
     with torch.inference_mode():
         model.eval()(torch.randn(1, 3, 40, 40))  # first sight of this size builds the plans here
     model.train()(torch.randn(2, 3, 40, 40)).sum().backward()
@@ -212,7 +248,7 @@ def test_plan_built_under_inference_mode_serves_training():
 # ----------------------------------------------------------------------------- checkpointing, drop path, counts
 
 def test_grad_checkpointing_gives_same_gradients():
-    cfg = replace(CONFIGS["toy"], drop_path_rate=0.3)  # drop path on: checkpointing must replay the same masks
+    cfg = replace(CONFIGS["toy_cvt"], drop_path_rate=0.3)  # drop path on: checkpointing must replay the same masks
     model = CoSwin(cfg).train()
     x = torch.randn(4, 3, 48, 48)
 
@@ -230,8 +266,8 @@ def test_grad_checkpointing_gives_same_gradients():
 
 
 def test_drop_path_is_identity_in_eval_and_random_in_training():
-    model = CoSwin(replace(CONFIGS["toy"], drop_path_rate=0.5))
-    plain = CoSwin(replace(CONFIGS["toy"], drop_path_rate=0.0))
+    model = CoSwin(replace(CONFIGS["toy_cvt"], drop_path_rate=0.5))
+    plain = CoSwin(replace(CONFIGS["toy_cvt"], drop_path_rate=0.0))
     plain.load_state_dict(model.state_dict())
     x = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
@@ -250,7 +286,7 @@ def test_drop_path_rate_increases_linearly_over_blocks():
 def test_parameter_counts():
     assert abs(count_parameters(CONFIGS["H"]) / 637e6 - 1) < 0.02  # Florence: CoSwin-H has 637M parameters
     assert 27e6 < count_parameters(CONFIGS["T"]) < 31e6  # Swin-T: 28.3M (27.5M without the head)
-    assert count_parameters(CONFIGS["toy"]) < 2e6
+    assert count_parameters(CONFIGS["toy_cvt"]) < 2e6 and count_parameters(CONFIGS["toy"]) < 2e6
     sizes = [count_parameters(CONFIGS[name]) for name in ("T", "S", "B", "L", "H")]
     assert sizes == sorted(sizes)
 
@@ -258,24 +294,24 @@ def test_parameter_counts():
 # ------------------------------------------------------------------------------------------------- bad input
 
 def test_bad_input_errors():
-    model = CoSwin(CONFIGS["toy"])
+    model = CoSwin(CONFIGS["toy_cvt"])
     for bad in (torch.randn(3, 64, 64), torch.randn(1, 1, 64, 64), torch.randn(1, 3, 2, 64)):
         with pytest.raises(ValueError, match="expects images"):
             model(bad)
         with pytest.raises(ValueError, match="expects images"):
             model.forward_features(bad)
     with pytest.raises(ValueError, match="embed"):
-        CoSwin(replace(CONFIGS["toy"], embed="pixels"))
+        CoSwin(replace(CONFIGS["toy_cvt"], embed="pixels"))
     with pytest.raises(ValueError, match="num_heads"):
-        CoSwin(replace(CONFIGS["toy"], num_heads=(1, 2, 4)))
+        CoSwin(replace(CONFIGS["toy_cvt"], num_heads=(1, 2, 4)))
     with pytest.raises(ValueError, match="divisible"):
-        CoSwin(replace(CONFIGS["toy"], num_heads=(5, 2, 4, 8)))
+        CoSwin(replace(CONFIGS["toy_cvt"], num_heads=(5, 2, 4, 8)))
 
 
 def test_fused_and_written_out_attention_agree():
     """The SDPA path (used on GPU) and Eq. 4 written out (used on CPU) give the same outputs and gradients."""
     torch.manual_seed(0)
-    model = CoSwin(CONFIGS["toy"])
+    model = CoSwin(CONFIGS["toy_cvt"])
     x = torch.randn(2, 3, 40, 56)  # 10 x 14 first map: padding and shifted windows
     outs = []
     for fused in (True, False):
