@@ -135,12 +135,13 @@ def test_bad_data_names_file_line_and_field(tmp_path):
 
 
 def test_toy_unicl_learns(tmp_path):
-    """The fast, honest CI version of `python train.py`: 250 steps of the toy config. The loss must fall
-    well below its start and zero-shot top-1 over the 36 colour-shape classes must clear 3x chance (1/36)."""
-    metrics = train.main(["--max_iters=250", "--val_size=360", f"--out_dir={tmp_path}"])
+    """The fast, honest CI version of `python train.py`: 400 of its 800 steps (~2 min). The loss must fall well
+    below its start and the towers must have begun on shape, not only colour: colour alone gives at most ~1/6
+    zero-shot top-1 over the 36 colour-shape classes (measured: 0.42, shape 0.41, chance 1/36 and 1/6)."""
+    metrics = train.main(["--max_iters=400", "--val_size=360", f"--out_dir={tmp_path}"])
     loss = logged(tmp_path)
-    assert loss[250] < loss[100] - 0.5, loss
-    assert metrics["zeroshot_top1"] > 3 / 36, metrics
+    assert loss[400] < loss[100] - 0.5, loss
+    assert metrics["zeroshot_top1"] > 0.25 and metrics["zeroshot_shape"] > 0.25, metrics
 
 
 @pytest.mark.slow
