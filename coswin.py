@@ -4,7 +4,8 @@ CoSwin is a hierarchical Swin Transformer (Liu et al. 2021, arXiv:2103.14030) wh
 layers are replaced by the convolutional token embeddings of CvT (Wu et al. 2021, arXiv:2103.15808), with global average
 pooling on top. Read it top to bottom:
 
-  1. Token embedding between stages: CvT's ConvEmbed (conv mode) or Swin's patch embedding / patch merging (patch mode).
+  1. Token embedding between stages: CvT's ConvEmbed (conv mode) or Swin's patch embedding / patch merging (patch mode);
+     1b. the CPU toy's BatchNorm conv stem (not in Florence).
   2. Window attention with the relative position bias (Swin section 3.2, Eq. 4).
   3. Shifted windows: cyclic roll + a region mask (Swin section 3.2, Fig. 4); padding for maps windows do not divide.
   4. The pre-LN Swin block with an MLP and stochastic depth, a stage of blocks, the whole model, named configs.
@@ -415,7 +416,7 @@ class CoSwin(nn.Module):
                              f"got shape {tuple(x.shape)}")
 
     def forward_features(self, x):
-        """x: (B, C, H, W) -> 4 maps (B, C_i, H_i, W_i), strides 4, 8, 16, 32 (with a stem: 2^len(stem)
+        """x: (B, C, H, W) -> one map (B, C_i, H_i, W_i) per stage, strides 4, 8, 16, 32 (with a stem: 2^len(stem),
         doubling per stage), each after its own LayerNorm."""
         self._check_input(x)
         features = []
