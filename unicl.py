@@ -63,7 +63,7 @@ CONFIGS = {
     # (the paper gives only the total). 224 px, 76 text tokens.
     "florence": UniCLConfig(image_encoder="H", drop_path_rate=0.2, img_size=224, tokenizer="gpt2",
                             context_length=77, text_width=1024, text_layers=16, text_heads=16,
-                            embed_dim=1024, data="", train_size=0, max_objects=0),
+                            embed_dim=1024, data="", train_size=0),
 }
 
 # Optimisation settings per named config; keys are train.py TrainConfig fields.
