@@ -30,7 +30,7 @@ class CoSwinConfig:
     in_chans: int = 3            # input image channels
     embed: str = "conv"          # "conv" = CvT ConvEmbed (CoSwin); "patch" = plain Swin patch embedding + patch merging
     patch_size: int = 4          # "patch" mode only: side of the square patch embedded by stage 1
-    stem: tuple = ()             # widths of a BatchNorm conv stem that replaces stage 1's embedding (section 1b); () = none
+    stem: tuple = ()             # widths of a BatchNorm conv stem replacing stage 1's embedding (section 1b); () = none
     embed_dim: int = 96          # channels of stage 1; each later stage doubles them
     depths: tuple = (2, 2, 6, 2)          # Swin blocks per stage
     num_heads: tuple = (3, 6, 12, 24)     # attention heads per stage

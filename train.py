@@ -315,12 +315,13 @@ def main(argv):
         finish(metrics, master, ddp)
         return metrics
 
+    train_model = model
     if tcfg.compile:
         # torch 2.11's inductor (H100) failed an internal assertion in its coalescing analysis on the toy UniCL
         # graphs, whose text length varies per batch (dynamic shapes); without that analysis it compiles and trains
         from torch._inductor import config as inductor_config
         inductor_config.triton.coalesce_tiling_analysis = False
-    train_model = torch.compile(model) if tcfg.compile else model
+        train_model = torch.compile(model)
     if ddp:
         # static_graph: the set of parameters a stage uses is the same every step, but need not be all of
         # them (UniCL's image tower leaves CoSwin's pyramid norms unused), so DDP can skip those cheaply

@@ -121,7 +121,8 @@ def florence2_swap(args):
     """The CNN in place of DaViT: its last feature map (before the pooling) feeds the image projection, whose width
     must match (--width 32: 128 channels = the toy DaViT's)."""
     if args.arch != "cnn":
-        raise SystemExit("--florence2 swaps in the CNN only (--arch cnn); the toy DaViT is `train.py --stage florence2`")
+        raise SystemExit("--florence2 swaps in the CNN only (--arch cnn); "
+                         "the toy DaViT is `train.py --stage florence2`")
 
     def swap(model, cfg):
         channels = model.cfg.vision.embed_dims[-1]
@@ -166,7 +167,8 @@ def main():
     encoder, features = build_tower(args)
     model = nn.Sequential(encoder, nn.Linear(features, len(data.COLORS) * len(data.SHAPES)))
     norm = {"coswin": f"{args.norm} norm, {args.init} init", "cnn": "batch norm", "timm_swin": "layer norm"}[args.arch]
-    print(f"{args.arch}{' ' + args.config if args.arch == 'coswin' else ''} ({norm}{', ' + ' '.join(args.cfg) if args.cfg else ''}): "
+    name = f"coswin {args.config}" if args.arch == "coswin" else args.arch
+    print(f"{name} ({norm}{', ' + ' '.join(args.cfg) if args.cfg else ''}): "
           f"{sum(q.numel() for q in model.parameters()) / 1e6:.2f}M parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     start, shapes = time.time(), len(data.SHAPES)

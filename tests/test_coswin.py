@@ -199,8 +199,9 @@ def test_conv_stem_any_input_size(size):
     model = CoSwin(CONFIGS["toy"]).eval()
     assert CONFIGS["toy"].stem == (16, 32, 48) and model.feature_channels == [48, 96, 192]
     h, w = size
+    x = torch.randn(2, 3, h, w)
     with torch.no_grad():
-        features, pooled = model.forward_features(torch.randn(2, 3, h, w)), model(torch.randn(2, 3, h, w))
+        features, pooled = model.forward_features(x), model(x)
     for _ in range(3):  # three 2x2 max pools, ceil mode
         h, w = -(-h // 2), -(-w // 2)
     for i, f in enumerate(features):
@@ -211,7 +212,7 @@ def test_conv_stem_any_input_size(size):
         CoSwin(replace(CONFIGS["toy"], stem=(16, 32)))
 
 
-def test_conv_stem_learns_in_train_mode_and_uses_running_stats_in_eval():
+def test_conv_stem_batchnorm_uses_batch_stats_in_training_and_running_stats_in_eval():
     """Outside DDP the stem's GlobalBatchNorm2d is nn.BatchNorm2d: batch statistics in training (so a sample's
     output depends on its batch), running statistics in eval (so it does not)."""
     torch.manual_seed(0)
