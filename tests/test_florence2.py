@@ -551,11 +551,43 @@ def test_collate_and_loss():
         assert batch["decoder_input_ids"][i, 1:len(label)].tolist() == label[:-1]
     loss, _ = f2.compute_loss(model, batch)
     assert abs(loss.item() - np.log(tok.vocab_size)) < 1.5
-    # every answer weighs the same, so the loss of a batch is the mean of its halves (accumulation, DDP)
+    # every answer weighs the same, so the loss of a batch is the mean of its halves (accumulation, DDP); in eval
+    # mode, as the toy stem's BatchNorm statistics couple the samples of a batch in training mode
+    model.eval()
+    loss, _ = f2.compute_loss(model, batch)
     halves = [f2.compute_loss(model, f2.collate(samples[i:i + 4], tok, cfg, rngs()[i:i + 4]))[0] for i in (0, 4)]
     torch.testing.assert_close(loss, (halves[0] + halves[1]) / 2, atol=1e-5, rtol=0)
     text = f2.collate(samples[:2], tok, dataclasses.replace(cfg, prompt="text"), rngs()[:2])
     assert tok.decode(text["input_ids"][0], skip_special_tokens=True) == f2.task_prompt(*examples[0][:2])
+
+
+def test_soft_coordinate_targets():
+    """loc_sigma > 0: a <loc_q> target becomes a Gaussian over the 1,000 bins and its loss the KL divergence to it,
+    so a vanishing sigma gives the one-hot cross entropy back, and logits equal to the log of the Gaussian (and to
+    the label elsewhere) give zero loss."""
+    cfg, tok, model = toy_setup(tasks="<REGION_PROPOSAL>,<CAPTION>", loc_sigma=1e-3)
+    batch = f2.collate(shapes(6, size=96), tok, cfg, [random.Random(i) for i in range(6)])
+    first = f2.loc_first_id(tok)
+    assert first == tok.encode("<loc_0>", False)[0] and tok.encode("<loc_999>", False)[0] == first + 999
+    is_loc = (batch["labels"] >= first) & (batch["labels"] < first + 1000)
+    assert is_loc.any() and (batch["loc_bins"][is_loc] == batch["labels"][is_loc] - first).all()
+    assert (batch["loc_bins"][~is_loc] == -1).all()
+    one_hot = {k: v for k, v in batch.items() if not k.startswith("loc_")}
+    torch.testing.assert_close(f2.compute_loss(model, batch)[0], f2.compute_loss(model, one_hot)[0])
+
+    batch["loc_sigma"] = torch.tensor(20.0)
+    labels, k = batch["labels"], torch.arange(1000)
+    logits = torch.full((*labels.shape, tok.vocab_size), -30.0)  # (B, T, V): certain of the label ...
+    logits.scatter_(2, labels.clamp(min=0)[..., None], 30.0)
+    gauss = torch.log_softmax(-0.5 * ((k - batch["loc_bins"][is_loc, None]) / 20.0) ** 2, -1)  # ... or the Gaussian
+    logits[is_loc] = torch.cat([torch.full((int(is_loc.sum()), first), -1e4), gauss,
+                                torch.full((int(is_loc.sum()), tok.vocab_size - first - 1000), -1e4)], 1)
+    fixed = lambda *args: logits  # noqa: E731  a "model" that returns these logits
+    assert f2.compute_loss(fixed, batch)[0] < 1e-4
+    assert f2.compute_loss(fixed, one_hot)[0] > 1.0  # the same logits under one-hot targets: the Gaussian's spread
+    scattered = type("Tok", (), {"encode": lambda self, text, add_special_tokens: [len(text)]})()  # ids 7 and 9
+    with pytest.raises(ValueError, match="consecutive"):
+        f2.loc_first_id(scattered)
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
