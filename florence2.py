@@ -180,7 +180,7 @@ class Stem(coswin.ConvStem):
     """The toy's stage-1 embedding: CoSwin's BatchNorm conv stem (3x3 convs, a 2x2 max pool after each width,
     then LayerNorm) in place of the 7x7 stride-4 conv. A transformer needs many samples to learn shape from
     patches; early convolutions make it sample-efficient (Xiao et al., 2021), which is what the 30-minute CPU
-    toy needs: on Shapes-world grounding (600 steps x 32) the stem took accuracy from 0.005 to 0.10."""
+    toy needs: on Shapes-world grounding (600 steps x 32) accuracy 0.13 with the stem, 0.02 without (README)."""
 
     def forward(self, x):  # (B, C_in, H, W) -> (B, C, H / 2^k, W / 2^k)
         return super().forward(x).permute(0, 3, 1, 2)

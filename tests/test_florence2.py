@@ -34,6 +34,18 @@ def test_parameter_counts_on_meta():
     assert counts["toy"] < 5e6, counts
 
 
+def test_toy_davit_conv_stem():
+    """The toy's stage 1 is the BatchNorm conv stem (stride 8): 96 px -> 12x12 -> 6x6 -> 6x6, 37 image tokens; a
+    stride in the config that does not match the stem's is an error, not a silent mismatch."""
+    cfg = f2.MODELS["toy"].vision
+    tower = f2.DaViT(cfg)
+    assert isinstance(tower.convs[0], f2.Stem) and not isinstance(f2.DaViT(f2.MODELS["toy_plain"].vision).convs[0],
+                                                                  f2.Stem)
+    assert tower(torch.randn(2, 3, 96, 96)).shape == (2, 128, 6, 6)
+    with pytest.raises(ValueError, match="stride 8"):
+        f2.DaViT(dataclasses.replace(cfg, patch_stride=(4, 2, 1)))
+
+
 # -- a tiny random transformers Florence-2 checkpoint ---------------------------------------------------
 
 
