@@ -107,14 +107,6 @@ MODELS = {
         image_size=96, vocab_size=1400, d_model=128, encoder_layers=2, decoder_layers=2, encoder_heads=4,
         decoder_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512, max_position_embeddings=512, dropout=0.0,
         attention_dropout=0.0, init_std=0.1),
-    # the previous toy, DaViT's own 7x7 stride-4 conv embedding (no stem), four stages 32/64/96/128: it reads colour
-    # but hardly shape or position within 30 CPU minutes (README, Florence-2 section)
-    "toy_plain": Florence2Config(
-        vision=DaViTConfig(depths=(1, 1, 1, 1), embed_dims=(32, 64, 96, 128), num_heads=(1, 2, 3, 4),
-                           num_groups=(1, 2, 3, 4), patch_stride=(4, 2, 2, 1), window_size=6, drop_path_rate=0.0),
-        image_size=96, vocab_size=1400, d_model=128, encoder_layers=2, decoder_layers=2, encoder_heads=4,
-        decoder_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512, max_position_embeddings=512, dropout=0.0,
-        attention_dropout=0.0, init_std=0.1),
     # Florence-2-base: DaViT 90.4M + projection 0.8M + BART-base 140.2M = 231.4M parameters.
     "base": Florence2Config(),
     # Florence-2-large: DaViT 360.6M + projection 2.2M + BART-large 407.3M = 770.2M parameters
@@ -125,6 +117,12 @@ MODELS = {
         d_model=1024, encoder_layers=12, decoder_layers=12, encoder_heads=16, decoder_heads=16,
         encoder_ffn_dim=4096, decoder_ffn_dim=4096),
 }
+
+# the previous toy: the same text side, DaViT's own 7x7 stride-4 conv embedding (no stem), four stages 32/64/96/128;
+# it reads colour but hardly shape or position within 30 CPU minutes (README, Florence-2 section)
+MODELS["toy_plain"] = replace(MODELS["toy"], vision=DaViTConfig(
+    depths=(1, 1, 1, 1), embed_dims=(32, 64, 96, 128), num_heads=(1, 2, 3, 4), num_groups=(1, 2, 3, 4),
+    patch_stride=(4, 2, 2, 1), window_size=6, drop_path_rate=0.0))
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -1406,7 +1404,7 @@ def collate(samples, tokenizer, cfg: StageConfig, rngs=None):
     if cfg.loc_sigma > 0:  # the bin of each <loc_*> target (-1 elsewhere), for compute_loss's soft targets
         first = loc_first_id(tokenizer)
         bins = labels - first
-        batch["loc_bins"] = bins.masked_fill((labels == -100) | (bins < 0) | (bins >= NUM_BINS), -1)  # (B, T)
+        batch["loc_bins"] = bins.masked_fill((bins < 0) | (bins >= NUM_BINS), -1)  # (B, T); -100 falls below 0
         batch["loc_first"], batch["loc_sigma"] = torch.tensor(first), torch.tensor(float(cfg.loc_sigma))
     return batch
 
