@@ -1533,7 +1533,9 @@ def generate_answers(model, tokenizer, examples, size, style, max_new_tokens, ba
         ids, mask = tokenizer([prompt_text(task, text, style) for _, task, text in chunk])
         seqs = model.generate(pixels.to(device), ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
                               num_beams=num_beams)
-        out += [tokenizer.decode(row) for row in seqs]
+        # a row that ended before the longest one is padded after its </s>: drop the padding, so each answer reads
+        # as if generated alone (the processor's pure-text answers keep any <pad>, so it would count as text)
+        out += [tokenizer.decode(row[row != tokenizer.pad_token_id]) for row in seqs]
     return out
 
 

@@ -643,6 +643,21 @@ def test_mask_iou_and_word_accuracy():
     assert f2.score("<CAPTION_TO_PHRASE_GROUNDING>", [first], [truth], [(40, 40)]) == 0.0  # only the first box counts
 
 
+def test_batched_answers_read_as_if_generated_alone(monkeypatch):
+    """A batch's shorter answers are padded after their </s>; generate_answers must drop that padding, or a
+    pure-text answer ("a red circle<pad><pad>") would never equal its target (this once held caption exact match
+    at ~0 in every batched evaluation)."""
+    cfg, tok, model = toy_setup()
+    short, long = tok.encode("a red circle"), tok.encode("a large blue square and a red circle")
+    pad = tok.pad_token_id
+    rows = [[tok.eos_token_id] + short + [pad] * (len(long) - len(short)), [tok.eos_token_id] + long]
+    monkeypatch.setattr(model, "generate", lambda *args, **kw: torch.tensor(rows))
+    image = Image.new("RGB", (96, 96))
+    answers = f2.generate_answers(model, tok, [(image, "<CAPTION>", None)] * 2, 96, "token", 40)
+    captions = [f2.post_process(a, "<CAPTION>", (96, 96))["<CAPTION>"] for a in answers]
+    assert captions == ["a red circle", "a large blue square and a red circle"], answers
+
+
 def test_evaluate_on_a_jsonl_val_set(tmp_path, monkeypatch):
     """Real annotations: each row is asked its own task; the five metric tasks get their metrics, others exact
     match. A model that writes the targets scores 1 (the generated answers are replaced by the targets)."""
