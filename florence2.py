@@ -99,7 +99,7 @@ MODELS = {
     # dropout (the Shapes world never repeats an image); vocab_size is set from the tokenizer.
     # BART's init std of 0.02 is for width 768+: at width 128 the model took ~3x more samples to start reading
     # the image (caption-only probe, 64 px: loss 0.72 = the text's marginal entropy after 9,600 samples with
-    # 0.02, 0.52 with 0.05; 0.55 after 6,400 with 0.1), so the toy starts from 0.1.
+    # 0.02, 0.52 with 0.05; 0.55 after 6,400 with 0.1), so the toy's text side starts from 0.1 (DaViT keeps its own 0.02: Florence2).
     "toy": Florence2Config(
         vision=DaViTConfig(stem=(16, 32, 48), depths=(1, 1, 1), embed_dims=(48, 96, 128), num_heads=(2, 3, 4),
                            num_groups=(2, 3, 4), patch_size=(7, 3, 3), patch_stride=(8, 2, 1), patch_padding=(3, 1, 1),
@@ -300,6 +300,14 @@ class DaViT(nn.Module):
             self.blocks.append(nn.ModuleList(DaViTBlock(cfg, s, drop[first + 2 * i], drop[first + 2 * i + 1])
                                              for i in range(cfg.depths[s])))
         self.grad_checkpointing = False
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):  # DaViT's own init (as Swin's): truncated normal(0.02) for Linear weights, zero biases
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
     def forward(self, x):  # (B, 3, H, W) -> (B, C_last, H/32, W/32) with the default strides
         for conv, stage in zip(self.convs, self.blocks):
@@ -491,7 +499,11 @@ class Florence2(nn.Module):
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.apply(self._init_weights)
+        # BART's init on the text side; the vision tower keeps DaViT's (std 0.02 whatever init_std says: with the
+        # toy's init_std=0.1 in its attention and MLP layers too, the mixture's coordinate tasks wiped colour out
+        # of the image features within 300 steps, README "Florence-2")
+        for module in (self.projector, self.embed_tokens, self.encoder, self.decoder):
+            module.apply(self._init_weights)
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -1305,10 +1317,11 @@ CONFIGS = {
                          max_target_tokens=1024, train_size=0, val_size=0),
 }
 
-# Optimisation settings per named config (train.py TrainConfig fields). base/large: a starting point for
-# fine-tuning-scale runs, ours, not the paper's.
+# Optimisation settings per named config (train.py TrainConfig fields). toy: 400 warmup steps, as with 100 the
+# early full-lr steps let the coordinate tasks wipe colour out of the image features (README "Florence-2").
+# base/large: a starting point for fine-tuning-scale runs, ours, not the paper's.
 TRAIN = {
-    "toy": dict(batch_size=32, max_iters=3600, lr=1e-3, warmup_iters=100, weight_decay=0.05, log_interval=50,
+    "toy": dict(batch_size=32, max_iters=3600, lr=1e-3, warmup_iters=400, weight_decay=0.05, log_interval=50,
                 ckpt_interval=500),
     "base": dict(batch_size=256, max_iters=20000, lr=1e-5, warmup_iters=500, weight_decay=0.01, beta2=0.999),
     "large": dict(batch_size=256, max_iters=20000, lr=5e-6, warmup_iters=500, weight_decay=0.01, beta2=0.999),

@@ -10,6 +10,7 @@
     python tests/probe_shapes.py --arch cnn --unicl --eval_interval=500   # `python train.py` with that CNN as the
                                                                           # image tower (any train.py flags follow)
     python tests/probe_shapes.py --arch cnn --width 32 --florence2 '--tasks=<CAPTION>' --max_objects=1  # Florence-2
+    python tests/probe_shapes.py --read out/ckpt.pt   # colour and shape left in a Florence-2 run's image features
 
 Supervised 36-way colour x shape cross-entropy on the same single-object 48 px images as the toy UniCL run (20k
 distinct training images, 720 val images), batch 128, AdamW with warmup + cosine. Prints the val accuracy of the
@@ -134,7 +135,43 @@ def florence2_swap(args):
     return swap
 
 
+def read_florence2(path, n_fit=600, n_test=300):
+    """What a trained Florence-2 checkpoint's image tower still encodes: a linear probe (max, mean and min over the
+    map, fitted on n_fit single-object images, scored on n_test others) for colour and for shape, on the stem's
+    output and on DaViT's last map. A probe at chance (1/6) means the information is gone, not merely unused."""
+    import florence2
+    model, _, _, size = florence2.load_for_inference(path)
+    world = data.ShapesWorld("train", size=size, n=n_fit + n_test, seed=5, max_objects=1, ocr_prob=0.0)
+    samples = [world[i] for i in range(len(world))]
+    pixels = torch.stack([florence2.preprocess(s["image"], size) for s in samples])  # (N, 3, size, size)
+    labels = {"colour": torch.tensor([data.COLORS.index(s["objects"][0]["color"]) for s in samples]),
+              "shape": torch.tensor([data.SHAPES.index(s["objects"][0]["category"]) for s in samples])}
+    maps = {}
+    tower = model.vision_tower
+    hook = tower.convs[0].register_forward_hook(lambda module, inputs, out: maps.__setitem__("first stage in", out))
+    with torch.no_grad():
+        maps["last map"] = tower(pixels)  # (N, C, h, w)
+    hook.remove()
+    torch.manual_seed(0)
+    for where, fmap in maps.items():
+        x = fmap.flatten(2)  # (N, C, h*w)
+        x = torch.cat([x.amax(2), x.mean(2), x.amin(2)], 1)  # (N, 3C)
+        x = (x - x[:n_fit].mean(0)) / (x[:n_fit].std(0) + 1e-5)
+        scores = []
+        for name, y in labels.items():
+            probe = nn.Linear(x.shape[1], 6)
+            opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+            for _ in range(300):
+                opt.zero_grad()
+                F.cross_entropy(probe(x[:n_fit]), y[:n_fit]).backward()
+                opt.step()
+            scores.append(f"{name} {(probe(x[n_fit:]).argmax(1) == y[n_fit:]).float().mean():.2f}")
+        print(f"{where} {tuple(fmap.shape[1:])}: linear probe " + ", ".join(scores) + " (chance 0.17)")
+
+
 def main():
+    if sys.argv[1:2] == ["--read"]:  # python tests/probe_shapes.py --read out/ckpt.pt
+        return read_florence2(sys.argv[2])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", choices=("coswin", "cnn", "timm_swin"), default="coswin")
     p.add_argument("--norm", choices=("layer", "batch"), default="layer", help="coswin: keep or swap its LayerNorms")
