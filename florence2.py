@@ -99,7 +99,8 @@ MODELS = {
     # dropout (the Shapes world never repeats an image); vocab_size is set from the tokenizer.
     # BART's init std of 0.02 is for width 768+: at width 128 the model took ~3x more samples to start reading
     # the image (caption-only probe, 64 px: loss 0.72 = the text's marginal entropy after 9,600 samples with
-    # 0.02, 0.52 with 0.05; 0.55 after 6,400 with 0.1), so the toy's text side starts from 0.1 (DaViT keeps its own 0.02: Florence2).
+    # 0.02, 0.52 with 0.05; 0.55 after 6,400 with 0.1), so the toy's text side starts from 0.1 (DaViT keeps its
+    # own 0.02: Florence2.__init__).
     "toy": Florence2Config(
         vision=DaViTConfig(stem=(16, 32, 48), depths=(1, 1, 1), embed_dims=(48, 96, 128), num_heads=(2, 3, 4),
                            num_groups=(2, 3, 4), patch_size=(7, 3, 3), patch_stride=(8, 2, 1), patch_padding=(3, 1, 1),
@@ -300,14 +301,7 @@ class DaViT(nn.Module):
             self.blocks.append(nn.ModuleList(DaViTBlock(cfg, s, drop[first + 2 * i], drop[first + 2 * i + 1])
                                              for i in range(cfg.depths[s])))
         self.grad_checkpointing = False
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):  # DaViT's own init (as Swin's): truncated normal(0.02) for Linear weights, zero biases
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(coswin.CoSwin._init_weights)  # DaViT's own init is Swin's: truncated normal(0.02), zero biases
 
     def forward(self, x):  # (B, 3, H, W) -> (B, C_last, H/32, W/32) with the default strides
         for conv, stage in zip(self.convs, self.blocks):
