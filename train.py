@@ -279,8 +279,14 @@ def main(argv):
     # every rank builds the same initial model from the same seed
     random.seed(tcfg.seed)
     torch.manual_seed(tcfg.seed)
-    tokenizer = stage.build_tokenizer(scfg)
-    model = stage.build_model(scfg, tokenizer).to(device)
+    try:  # a bad config value (unknown model or task, missing tokenizer folder) is named, not a traceback
+        tokenizer = stage.build_tokenizer(scfg)
+        model = stage.build_model(scfg, tokenizer).to(device)
+        train_ds, val_ds = stage.build_datasets(scfg, tcfg.seed, tcfg.skip_bad_samples)
+    except DataError:
+        raise  # a bad annotation file: reported below with the --skip_bad_samples hint
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}")
     optimizer = make_optimizer(model, tcfg, device_type)
     step = 0
     if ckpt is not None:
@@ -290,7 +296,6 @@ def main(argv):
         restore_rng(ckpt["rng"])
     if tcfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    train_ds, val_ds = stage.build_datasets(scfg, tcfg.seed, tcfg.skip_bad_samples)
     source = SampleSource(train_ds, tcfg.skip_bad_samples, tcfg.cache_samples)
     if master:
         os.makedirs(tcfg.out_dir, exist_ok=True)
