@@ -507,16 +507,13 @@ class Florence2(nn.Module):
         if isinstance(m, nn.Embedding) and m.padding_idx is not None:
             nn.init.zeros_(m.weight[m.padding_idx])
 
-    def encode(self, pixel_values, input_ids, attention_mask=None, image_index=None):
+    def encode(self, pixel_values, input_ids, attention_mask=None):
         """Encode image + prompt. pixel_values (B, 3, H, W) normalised; input_ids (B, T) = <s> prompt </s>
-        (right-padded in a batch); attention_mask (B, T), default input_ids != pad. image_index (B,): prompt b
-        reads image image_index[b] of pixel_values (then (N, 3, H, W)), so an image asked several tasks is
-        encoded once. Returns memory (B, S, d) and its mask (B, S) bool, S = image tokens + T."""
+        (right-padded in a batch); attention_mask (B, T), default input_ids != pad.
+        Returns memory (B, S, d) and its mask (B, S) bool, S = image tokens + T."""
         if attention_mask is None:
             attention_mask = input_ids != self.cfg.pad_token_id
         image = self.projector(self.vision_tower(pixel_values.to(self.projector.proj.weight.dtype)))
-        if image_index is not None:
-            image = image[image_index]  # (N, n_image, d) -> (B, n_image, d)
         text = self.embed_tokens(input_ids) * self.embed_scale  # (B, T, d)
         x = torch.cat([image.to(text.dtype), text], dim=1)  # (B, n_image + T, d)
         image_mask = torch.ones(image.shape[:2], dtype=torch.bool, device=x.device)
@@ -528,10 +525,10 @@ class Florence2(nn.Module):
         x = self.decoder(self.embed_tokens(decoder_input_ids) * self.embed_scale, memory, memory_mask, cache)
         return F.linear(x, self.embed_tokens.weight)  # tied output layer
 
-    def forward(self, pixel_values, input_ids, decoder_input_ids, attention_mask=None, image_index=None):
+    def forward(self, pixel_values, input_ids, decoder_input_ids, attention_mask=None):
         """Teacher-forced logits (B, T_dec, vocab). decoder_input_ids = </s> <s> answer... (the answer shifted
         right behind decoder_start_token_id)."""
-        memory, mask = self.encode(pixel_values, input_ids, attention_mask, image_index)
+        memory, mask = self.encode(pixel_values, input_ids, attention_mask)
         return self.decode(decoder_input_ids, memory, mask)
 
     def set_grad_checkpointing(self, enable=True):
@@ -1298,8 +1295,6 @@ class StageConfig:
     val_size: int = 200  # Shapes world: val images, each evaluated on the five metric tasks; 0 = no eval
     max_objects: int = 3  # Shapes world: 1..max_objects shapes per image
     ocr_prob: float = 0.5  # Shapes world: chance that an image has words
-    tasks_per_image: int = 1  # training examples drawn per image (each its own task): the image tower runs once
-    #                           for all of them, as FLD-5B annotates each image for many tasks
     eval_batch_size: int = 50
 
 
@@ -1369,8 +1364,6 @@ def image_size(cfg: StageConfig):
 
 def build_datasets(cfg: StageConfig, seed: int, skip_bad: bool = False):
     """-> (train dataset, val dataset or None) of raw samples: Shapes-world dicts or TaskFile rows."""
-    if cfg.tasks_per_image < 1:
-        raise ValueError(f"config field 'tasks_per_image' must be at least 1, got {cfg.tasks_per_image}")
     for task in cfg.tasks.split(","):
         _check_task(task)  # an unknown task in --tasks lists the valid ones before any training
     if cfg.data == "shapes":
@@ -1408,10 +1401,9 @@ def collate(samples, tokenizer, cfg: StageConfig, rngs=None):
     shifted right behind </s> (BART's decoder start) and learns to write <s> answer </s>."""
     tasks = cfg.tasks.split(",")
     rngs = rngs or [random.Random(i) for i in range(len(samples))]
-    k = cfg.tasks_per_image
-    examples = [make_example(s, tasks, r) for s, r in zip(samples, rngs) for _ in range(k)]  # k per image, in order
+    examples = [make_example(s, tasks, r) for s, r in zip(samples, rngs)]
     size = image_size(cfg)
-    pixel_values = torch.stack([preprocess(s["image"], size) for s in samples])  # (N, 3, size, size)
+    pixel_values = torch.stack([preprocess(s["image"], size) for s in samples])  # (B, 3, size, size)
     input_ids, attention_mask = tokenizer([prompt_text(t, i, cfg.prompt) for t, i, _ in examples])  # (B, P)
     targets = [tokenizer.encode(target) for _, _, target in examples]
     targets = [t if len(t) <= cfg.max_target_tokens else t[:cfg.max_target_tokens - 1] + t[-1:] for t in targets]
@@ -1421,8 +1413,6 @@ def collate(samples, tokenizer, cfg: StageConfig, rngs=None):
     decoder_input_ids = decoder_input_ids.masked_fill(labels == -100, tokenizer.pad_token_id)
     batch = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask,
              "decoder_input_ids": decoder_input_ids, "labels": labels}
-    if k > 1:  # example b reads image b // k
-        batch["image_index"] = torch.arange(len(samples)).repeat_interleave(k)  # (B,) = (N * k,)
     if cfg.loc_sigma > 0:  # the bin of each <loc_*> target (-1 elsewhere), for compute_loss's soft targets
         first = loc_first_id(tokenizer)
         bins = labels - first
@@ -1443,8 +1433,7 @@ def compute_loss(model, batch):
     """Cross entropy on the answer tokens (the paper's only loss), averaged per answer and then over answers:
     every (image, task) example weighs the same whatever its length, so a 40-token polygon does not drown a
     2-token category, and the mean over a batch is the mean of its micro-batches (accumulation, DDP)."""
-    logits = model(batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"],
-                   batch.get("image_index"))
+    logits = model(batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"])
     labels = batch["labels"]
     nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)  # (B, T)
     valid = labels != -100  # cross_entropy's default ignore_index gives 0 there
