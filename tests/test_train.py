@@ -110,6 +110,9 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     (["--lerning_rate=1"], "unknown config key 'lerning_rate'"),
     (["--max_iters=ten"], "--max_iters=ten: expected int"),
     (["stray"], "expected --key=value"),
+    (["--stage", "florence2", "--model=huge"], "error: unknown model 'huge'; valid models: toy, base"),
+    (["--stage", "florence2", "--tasks=<CAPTION>,<DETECT>"], "error: unknown task '<DETECT>'; valid tasks: <CAPTION>"),
+    (["--stage", "florence2", "--config=base"], "error: config field 'tokenizer' is empty"),
 ])
 def test_bad_flags_say_what_is_wrong(args, message):
     with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace("'", "'")):
