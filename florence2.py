@@ -1364,10 +1364,11 @@ def image_size(cfg: StageConfig):
 
 def build_datasets(cfg: StageConfig, seed: int, skip_bad: bool = False):
     """-> (train dataset, val dataset or None) of raw samples: Shapes-world dicts or TaskFile rows."""
-    for task in cfg.tasks.split(","):
+    tasks = cfg.tasks.split(",")
+    for task in tasks:
         _check_task(task)  # an unknown task in --tasks lists the valid ones before any training
     if cfg.data == "shapes":
-        if all(task in OCR_TASKS for task in cfg.tasks.split(",")):
+        if all(task in OCR_TASKS for task in tasks):
             raise ValueError(f"every task of --tasks={cfg.tasks} needs words, and a Shapes-world image has none with "
                              f"probability 1 - ocr_prob (or when they do not fit): add a task without OCR")
         world = dict(size=image_size(cfg), seed=seed, max_objects=cfg.max_objects, ocr_prob=cfg.ocr_prob)
@@ -1562,6 +1563,7 @@ def evaluate(model, val, tokenizer, cfg: StageConfig):
     was_training = model.training
     model.eval()
     examples = []  # (image, task, text input, target, has a held-out composition: None for .jsonl rows)
+    tasks = cfg.tasks.split(",")
     for i in range(len(val)):
         sample = val[i]
         if sample is None:  # a bad row skipped by --skip_bad_samples
@@ -1571,7 +1573,7 @@ def evaluate(model, val, tokenizer, cfg: StageConfig):
             continue
         held = any((o["color"], o["category"]) in data.HELDOUT for o in sample["objects"])
         for task in EVAL_TASKS:
-            if task in cfg.tasks.split(",") and (task not in OCR_TASKS or sample["ocr"]):
+            if task in tasks and (task not in OCR_TASKS or sample["ocr"]):
                 rng = random.Random(f"eval/{i}")
                 target = shapes_target(sample, task, rng, grounding="reference")
                 examples.append((sample["image"], task, *target, held))
