@@ -35,15 +35,15 @@ def test_parameter_counts_on_meta():
 
 
 def test_toy_davit_conv_stem():
-    """The toy's stage 1 is the BatchNorm conv stem (stride 8): 96 px -> 12x12 -> 6x6 -> 6x6, 37 image tokens; a
-    stride in the config that does not match the stem's is an error, not a silent mismatch."""
+    """The toy's stage 1 is the BatchNorm conv stem (stride 16): 96 px -> 6x6, 37 image tokens; a stride in the
+    config that does not match the stem's is an error, not a silent mismatch."""
     cfg = f2.MODELS["toy"].vision
     tower = f2.DaViT(cfg)
     assert isinstance(tower.convs[0], f2.Stem) and not isinstance(f2.DaViT(f2.MODELS["toy_plain"].vision).convs[0],
                                                                   f2.Stem)
     assert tower(torch.randn(2, 3, 96, 96)).shape == (2, 128, 6, 6)
-    with pytest.raises(ValueError, match="stride 8"):
-        f2.DaViT(dataclasses.replace(cfg, patch_stride=(4, 2, 1)))
+    with pytest.raises(ValueError, match="stride 16"):
+        f2.DaViT(dataclasses.replace(cfg, patch_stride=(8,)))
 
 
 # -- a tiny random transformers Florence-2 checkpoint ---------------------------------------------------
@@ -701,7 +701,7 @@ def test_short_training_run_learns(tmp_path, monkeypatch):
     monkeypatch.setitem(f2.MODELS, "ci", dataclasses.replace(f2.MODELS["toy"], image_size=48))
     metrics = train.main(["--stage", "florence2", "--model=ci", "--tasks=<CAPTION>", "--max_objects=1",
                           "--ocr_prob=0", "--max_iters=200", "--batch_size=32", "--lr=1e-3", "--warmup_iters=20",
-                          "--log_interval=25", "--val_size=80", "--max_target_tokens=16", f"--out_dir={tmp_path}"])
+                          "--log_interval=10", "--val_size=80", "--max_target_tokens=16", f"--out_dir={tmp_path}"])
     with open(tmp_path / "metrics.jsonl") as f:
         losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
     assert losses[0] > 1.0 and min(losses[-2:]) < 0.65, losses
