@@ -520,6 +520,8 @@ def test_byte_tokenizer_is_lossless_and_one_way():
     # no added word is a prefix of another, so a text has exactly one tokenization
     assert not [(a, b) for a in f2.SHAPES_WORDS for b in f2.SHAPES_WORDS if a != b and b.startswith(a)]
     assert words.decode(words.encode(" shapes", False)[:1]) == " shape"
+    # an OCR answer names the written words, one token each, the first without a leading space
+    assert [words.decode([i]) for i in words.encode("ZOO MAP", False)] == ["ZOO", " MAP"]
 
 
 def test_bart_tokenizer_add_tokens(tokenizer_files):
