@@ -246,14 +246,19 @@ class SampleSource:
 
 def main(argv):
     flags = parse_flags(argv)
-    tcfg, stage, scfg = build_configs(flags)
-    ckpt, ckpt_path = None, os.path.join(tcfg.out_dir, "ckpt.pt")
-    if tcfg.resume or tcfg.eval_only:
-        if tcfg.resume or os.path.exists(ckpt_path):
-            ckpt = load_checkpoint(ckpt_path)
-            stage_cfg_cls = type(stage.CONFIGS[tcfg.config])
-            tcfg, stage, scfg = build_configs(flags, TrainConfig(**ckpt["train_config"]),
-                                              stage_cfg_cls(**ckpt["stage_config"]))
+    # a checkpoint to resume or evaluate brings its own stage and configs, which the flags then override: read
+    # it before checking the flags, so `--resume --out_dir=out --tasks=...` finds the florence2 keys
+    first = {k: convert(k, flags[k], getattr(TrainConfig, k)) for k in ("out_dir", "resume", "eval_only") if k in flags}
+    ckpt, ckpt_path = None, os.path.join(first.get("out_dir", TrainConfig.out_dir), "ckpt.pt")
+    if first.get("resume") or (first.get("eval_only") and os.path.exists(ckpt_path)):
+        ckpt = load_checkpoint(ckpt_path)
+        base = TrainConfig(**ckpt["train_config"])
+        if flags.get("stage", base.stage) != base.stage:
+            raise SystemExit(f"error: {ckpt_path} is a checkpoint of stage {base.stage}, not {flags['stage']}")
+        stage_cfg_cls = type(load_stage(base.stage).CONFIGS[base.config])
+        tcfg, stage, scfg = build_configs(flags, base, stage_cfg_cls(**ckpt["stage_config"]))
+    else:
+        tcfg, stage, scfg = build_configs(flags)
 
     # distributed set-up: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -345,7 +350,8 @@ def main(argv):
                 share = mine[m * micro: (m + 1) * micro]
                 samples = [source.get(positions[p]) for p in share]
                 rngs = [random.Random(f"{tcfg.seed}/{step}/{p}") for p in share]
-                batch = {k: v.to(device) for k, v in stage.collate(samples, tokenizer, scfg, rngs).items()}
+                batch = stage.collate(samples, tokenizer, scfg, rngs, step / tcfg.max_iters)  # progress: 0 -> 1
+                batch = {k: v.to(device) for k, v in batch.items()}
                 sync = nullcontext() if not ddp or m == accum - 1 else train_model.no_sync()
                 with sync, autocast:
                     loss, logs = stage.compute_loss(train_model, batch)

@@ -316,9 +316,10 @@ def _transform(cfg, train):
     return data.ImageTransform(cfg.img_size, train=train and cfg.random_crop)
 
 
-def collate(samples, tokenizer, cfg: UniCLConfig, rngs=None):
+def collate(samples, tokenizer, cfg: UniCLConfig, rngs=None, progress=None):
     """Raw samples -> batch tensors. rngs: one random.Random per sample (train) or None (eval),
-    so augmentation depends only on the sample, never on which rank or micro-batch holds it."""
+    so augmentation depends only on the sample, never on which rank or micro-batch holds it. progress (the
+    share of training done) is unused here: florence2 switches its task mixture on it."""
     rngs = rngs or [None] * len(samples)
     train_tf = _transform(cfg, train=rngs[0] is not None)
     images = torch.stack([train_tf(s["image"], r) for s, r in zip(samples, rngs)])  # (B, 3, H, W)

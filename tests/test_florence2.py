@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 
@@ -582,6 +583,22 @@ def test_bad_mixture_is_named_before_training():
     with pytest.raises(ValueError, match="add a task without OCR"):  # most images have no words
         f2.build_datasets(dataclasses.replace(cfg, tasks="<OCR>,<OCR_WITH_REGION>"), seed=0)
     f2.build_datasets(dataclasses.replace(cfg, tasks="<OCR>,<CAPTION>"), seed=0)
+    with pytest.raises(ValueError, match="valid tasks"):
+        f2.build_datasets(dataclasses.replace(cfg, late_tasks="<CAPTION>,<DETECT>", late_frac=0.2), seed=0)
+    with pytest.raises(ValueError, match="--late_tasks=<OCR> needs words.* add a task without OCR"):
+        f2.build_datasets(dataclasses.replace(cfg, late_tasks="<OCR>", late_frac=0.2), seed=0)
+
+
+def test_late_mixture_takes_over_for_the_last_steps():
+    """late_tasks replace tasks once the share of steps done (train.py passes step / max_iters) reaches
+    1 - late_frac; without a progress (evaluation) the main mixture is used."""
+    cfg, tok, _ = toy_setup(tasks="<OD>", late_tasks="<CAPTION>", late_frac=0.25)
+    samples = shapes(4, size=96)
+    first_ids = lambda batch: set(batch["input_ids"][:, 1].tolist())  # noqa: E731  the task token after <s>
+    od, caption = tok.encode("<OD>", False), tok.encode("<CAPTION>", False)
+    for progress, want in ((0.0, od), (0.74, od), (0.75, caption), (0.99, caption), (None, od)):
+        batch = f2.collate(samples, tok, cfg, [random.Random(i) for i in range(4)], progress)
+        assert first_ids(batch) == set(want), progress
 
 
 def test_soft_coordinate_targets():
@@ -738,6 +755,19 @@ def toy_ckpt(tmp_path_factory):
     train.main(["--stage", "florence2", "--max_iters=1", "--batch_size=2", "--val_size=0", f"--out_dir={out}"])
     return out / "ckpt.pt"
 
+
+
+def test_resume_and_eval_take_the_stage_from_the_checkpoint(toy_ckpt, tmp_path):
+    """`--resume` / `--eval_only` without --stage read the checkpoint's stage first, so florence2 keys are
+    accepted (train.py used to check them against the default stage, unicl, and refuse them)."""
+    shutil.copy(toy_ckpt, tmp_path / "ckpt.pt")
+    train.main(["--resume", "--max_iters=2", "--tasks=<CAPTION>,<OD>", f"--out_dir={tmp_path}"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["stage_config"]["tasks"] == "<CAPTION>,<OD>"
+    metrics = train.main(["--eval_only", "--val_size=2", "--max_target_tokens=6", f"--out_dir={tmp_path}"])
+    assert set(metrics) >= {"caption_em", "od_map50"} and "res_miou" not in metrics
+    with pytest.raises(SystemExit, match="checkpoint of stage florence2, not unicl"):
+        train.main(["--resume", "--stage=unicl", f"--out_dir={tmp_path}"])
 
 @pytest.fixture(scope="module")
 def odd_images(tmp_path_factory):
