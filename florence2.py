@@ -1301,7 +1301,9 @@ class StageConfig:
     val_data: str = ""  # a .jsonl file; for "shapes" the val split is used
     image_root: str = ""  # folder that image paths in .jsonl files are relative to ("" = the file's folder)
     tasks: str = ",".join(TASKS)  # the Shapes-world mixture; a task listed twice is drawn twice as often
-    late_tasks: str = ""  # the mixture of the last `late_frac` of the steps ("" = `tasks` throughout)
+    # the mixture of the last `late_frac` of the steps: those of `late_tasks` that are in `tasks` (none: `tasks`
+    # throughout), so a narrower --tasks is never given tasks it left out; --late_frac=0 keeps one mixture
+    late_tasks: str = ""
     late_frac: float = 0.0
     train_size: int = 100000  # Shapes world: distinct training images
     val_size: int = 200  # Shapes world: val images, each evaluated on the five metric tasks; 0 = no eval
@@ -1421,8 +1423,9 @@ def collate(samples, tokenizer, cfg: StageConfig, rngs=None, progress=None):
     object); None (evaluation) draws with a fixed seed per position. progress: the share of the training steps
     done, which picks `late_tasks` over `tasks` for the last `late_frac`. Florence-2's decoder reads the answer
     shifted right behind </s> (BART's decoder start) and learns to write <s> answer </s>."""
-    late = cfg.late_tasks and progress is not None and progress >= 1 - cfg.late_frac
-    tasks = (cfg.late_tasks if late else cfg.tasks).split(",")
+    tasks = cfg.tasks.split(",")
+    if progress is not None and progress >= 1 - cfg.late_frac:
+        tasks = [t for t in cfg.late_tasks.split(",") if t in tasks] or tasks
     rngs = rngs or [random.Random(i) for i in range(len(samples))]
     examples = [make_example(s, tasks, r) for s, r in zip(samples, rngs)]
     size = image_size(cfg)

@@ -591,14 +591,16 @@ def test_bad_mixture_is_named_before_training():
 
 def test_late_mixture_takes_over_for_the_last_steps():
     """late_tasks replace tasks once the share of steps done (train.py passes step / max_iters) reaches
-    1 - late_frac; without a progress (evaluation) the main mixture is used."""
-    cfg, tok, _ = toy_setup(tasks="<OD>", late_tasks="<CAPTION>", late_frac=0.25)
-    samples = shapes(4, size=96)
-    first_ids = lambda batch: set(batch["input_ids"][:, 1].tolist())  # noqa: E731  the task token after <s>
-    od, caption = tok.encode("<OD>", False), tok.encode("<CAPTION>", False)
-    for progress, want in ((0.0, od), (0.74, od), (0.75, caption), (0.99, caption), (None, od)):
-        batch = f2.collate(samples, tok, cfg, [random.Random(i) for i in range(4)], progress)
-        assert first_ids(batch) == set(want), progress
+    1 - late_frac; without a progress (evaluation) the main mixture is used. Only late tasks that --tasks has
+    are drawn: a narrower --tasks is never given tasks it left out."""
+    cfg, tok, _ = toy_setup(tasks="<OD>,<CAPTION>", late_tasks="<CAPTION>,<OCR>", late_frac=0.25)
+    samples = shapes(16, size=96)
+    drawn = lambda batch: set(tok.decode(ids[1:2]) for ids in batch["input_ids"])  # noqa: E731  the task tokens
+    for progress, want in ((0.0, {"<OD>", "<CAPTION>"}), (0.74, {"<OD>", "<CAPTION>"}), (0.75, {"<CAPTION>"}),
+                           (0.99, {"<CAPTION>"}), (None, {"<OD>", "<CAPTION>"})):
+        assert drawn(f2.collate(samples, tok, cfg, [random.Random(i) for i in range(16)], progress)) == want
+    narrow = dataclasses.replace(cfg, tasks="<OD>")  # no late task in --tasks: one mixture throughout
+    assert drawn(f2.collate(samples, tok, narrow, [random.Random(i) for i in range(16)], 0.9)) == {"<OD>"}
 
 
 def test_soft_coordinate_targets():
