@@ -1319,8 +1319,8 @@ CONFIGS = {
     # For the last quarter of the steps the mixture narrows to captions, detection and the three tasks that name an
     # object by its words (grounding, referring segmentation, open-vocabulary detection): with the full mixture
     # throughout, the text side never learns to find an object by its colour or shape (with 2-3 objects the box
-    # lands on the named one at chance rate), while 600 steps of those tasks after it do teach it (README
-    # "Florence-2")
+    # lands on the named one at chance rate); a phase of mostly those tasks after it starts to (segmentation IoU
+    # 0.41 -> 0.50, grounding 0.545 -> 0.575 in the 30-minute run: README "Florence-2")
     "toy": StageConfig(loc_sigma=20.0, late_frac=0.25, late_tasks=",".join(
         ["<CAPTION>"] * 2 + ["<OD>"] + ["<CAPTION_TO_PHRASE_GROUNDING>", "<REFERRING_EXPRESSION_SEGMENTATION>",
                                         "<OPEN_VOCABULARY_DETECTION>"] * 2)),
@@ -1421,8 +1421,8 @@ def prompt_text(task, text_input, style):
 def collate(samples, tokenizer, cfg: StageConfig, rngs=None, progress=None):
     """Raw samples -> batch tensors. rngs: one random.Random per sample in training, which draws its task (and
     object); None (evaluation) draws with a fixed seed per position. progress: the share of the training steps
-    done, which picks `late_tasks` over `tasks` for the last `late_frac`. Florence-2's decoder reads the answer
-    shifted right behind </s> (BART's decoder start) and learns to write <s> answer </s>."""
+    done; for the last `late_frac` the tasks are drawn from those of `late_tasks` in `tasks`. Florence-2's
+    decoder reads the answer shifted right behind </s> (BART's decoder start) and learns to write <s> answer </s>."""
     tasks = cfg.tasks.split(",")
     if progress is not None and progress >= 1 - cfg.late_frac:
         tasks = [t for t in cfg.late_tasks.split(",") if t in tasks] or tasks
