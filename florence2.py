@@ -1385,8 +1385,8 @@ def image_size(cfg: StageConfig):
 
 def build_datasets(cfg: StageConfig, seed: int, skip_bad: bool = False):
     """-> (train dataset, val dataset or None) of raw samples: Shapes-world dicts or TaskFile rows."""
-    mixtures = {"tasks": cfg.tasks, **({"late_tasks": cfg.late_tasks} if cfg.late_tasks else {})}
-    for key, mixture in mixtures.items():
+    for key in ("tasks", "late_tasks") if cfg.late_tasks else ("tasks",):
+        mixture = getattr(cfg, key)
         for task in mixture.split(","):
             _check_task(task)  # an unknown task in --tasks lists the valid ones before any training
         if cfg.data == "shapes" and all(task in OCR_TASKS for task in mixture.split(",")):

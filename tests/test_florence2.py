@@ -758,7 +758,6 @@ def toy_ckpt(tmp_path_factory):
     return out / "ckpt.pt"
 
 
-
 def test_resume_and_eval_take_the_stage_from_the_checkpoint(toy_ckpt, tmp_path):
     """`--resume` / `--eval_only` without --stage read the checkpoint's stage first, so florence2 keys are
     accepted (train.py used to check them against the default stage, unicl, and refuse them)."""
@@ -770,6 +769,7 @@ def test_resume_and_eval_take_the_stage_from_the_checkpoint(toy_ckpt, tmp_path):
     assert set(metrics) >= {"caption_em", "od_map50"} and "res_miou" not in metrics
     with pytest.raises(SystemExit, match="checkpoint of stage florence2, not unicl"):
         train.main(["--resume", "--stage=unicl", f"--out_dir={tmp_path}"])
+
 
 @pytest.fixture(scope="module")
 def odd_images(tmp_path_factory):
