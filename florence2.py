@@ -533,11 +533,31 @@ class Florence2(nn.Module):
         x = self.decoder(self.embed_tokens(decoder_input_ids) * self.embed_scale, memory, memory_mask, cache)
         return F.linear(x, self.embed_tokens.weight)  # tied output layer
 
-    def forward(self, pixel_values, input_ids, decoder_input_ids, attention_mask=None):
+    def forward(self, pixel_values, input_ids, decoder_input_ids, attention_mask=None, answer_lengths=None,
+                groups=4):
         """Teacher-forced logits (B, T_dec, vocab). decoder_input_ids = </s> <s> answer... (the answer shifted
-        right behind decoder_start_token_id)."""
+        right behind decoder_start_token_id).
+        answer_lengths (B,): training's shortcut. Only the first answer_lengths[b] positions of row b are wanted,
+        so the rows are sorted by length and decoded in `groups` groups, each cut to its longest row: a batch
+        mixing 3-token categories with 80-token polygons is mostly padding otherwise (~70% in the Shapes-world
+        mixture). The decoder is causal, so a row's logits do not depend on what follows them, and the result,
+        logits (N, vocab) of those positions in row order (logits[position < length] of the full call), is the
+        same. The image tower and encoder run once on the whole batch."""
         memory, mask = self.encode(pixel_values, input_ids, attention_mask)
-        return self.decode(decoder_input_ids, memory, mask)
+        if answer_lengths is None:
+            return self.decode(decoder_input_ids, memory, mask)
+        order = torch.argsort(answer_lengths, descending=True)
+        packed = []  # (rows, logits (n_rows, T_group, vocab)) per group
+        for rows in order.chunk(groups):
+            T = int(answer_lengths[rows].max())
+            packed.append((rows, self.decode(decoder_input_ids[rows, :T], memory[rows], mask[rows])))
+        wanted = torch.arange(decoder_input_ids.shape[1], device=answer_lengths.device) < answer_lengths[:, None]
+        out = torch.empty(int(wanted.sum()), self.cfg.vocab_size, dtype=packed[0][1].dtype, device=memory.device)
+        start = answer_lengths.cumsum(0) - answer_lengths  # (B,) where row b begins in `out`
+        for rows, logits in packed:  # logits[i, t] goes to start[rows[i]] + t, for t < its length
+            keep = wanted[rows, :logits.shape[1]]  # (n_rows, T_group)
+            out[(start[rows, None] + torch.arange(logits.shape[1], device=out.device))[keep]] = logits[keep]
+        return out
 
     def set_grad_checkpointing(self, enable=True):
         for part in (self.vision_tower, self.encoder, self.decoder):
@@ -1459,19 +1479,22 @@ def compute_loss(model, batch):
     """Cross entropy on the answer tokens (the paper's only loss), averaged per answer and then over answers:
     every (image, task) example weighs the same whatever its length, so a 40-token polygon does not drown a
     2-token category, and the mean over a batch is the mean of its micro-batches (accumulation, DDP)."""
-    logits = model(batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"])
     labels = batch["labels"]
-    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)  # (B, T)
-    valid = labels != -100  # cross_entropy's default ignore_index gives 0 there
+    valid = labels != -100  # (B, T): the answer tokens; a row's are its first ones (collate pads at the end)
+    # logits (N, vocab) of the N answer tokens in row order: the model decodes rows grouped by answer length
+    logits = model(batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"],
+                   answer_lengths=valid.sum(1))
+    nll = F.cross_entropy(logits.float(), labels[valid], reduction="none")  # (N,)
     if "loc_bins" in batch:
-        is_loc = batch["loc_bins"] >= 0  # (B, T)
+        is_loc = batch["loc_bins"][valid] >= 0  # (N,)
         first, sigma = int(batch["loc_first"]), batch["loc_sigma"]
-        logp = F.log_softmax(logits[is_loc].float(), -1)[:, first:first + NUM_BINS]  # (N, 1000) over the vocab
+        logp = F.log_softmax(logits[is_loc].float(), -1)[:, first:first + NUM_BINS]  # (n, 1000) over the vocab
         k = torch.arange(NUM_BINS, device=logits.device)
-        soft = torch.softmax(-0.5 * ((k - batch["loc_bins"][is_loc, None]) / sigma) ** 2, -1)  # (N, 1000)
+        soft = torch.softmax(-0.5 * ((k - batch["loc_bins"][valid][is_loc, None]) / sigma) ** 2, -1)  # (n, 1000)
         kl = (torch.special.xlogy(soft, soft) - soft * logp).sum(-1)  # KL(soft || p): 0 when p matches the target
         nll = nll.masked_scatter(is_loc, kl)
-    return (nll.sum(1) / valid.sum(1)).mean(), {}
+    per_answer = torch.zeros(labels.shape[0], device=nll.device).index_add(0, valid.nonzero()[:, 0], nll)  # (B,)
+    return (per_answer / valid.sum(1)).mean(), {}
 
 
 # -- metrics, one per task family, on post-processed answers (the structures users get) ------------------

@@ -576,6 +576,28 @@ def test_collate_and_loss():
     assert tok.decode(text["input_ids"][0], skip_special_tokens=True) == f2.task_prompt(*examples[0][:2])
 
 
+def test_grouped_decoding_matches_the_full_call():
+    """Training decodes the rows grouped by answer length, each group cut to its longest answer: the logits of the
+    answer positions and the gradients are those of the full padded call."""
+    cfg, tok, model = toy_setup(loc_sigma=20.0)
+    batch = f2.collate(shapes(10, size=96), tok, cfg, [random.Random(i) for i in range(10)])
+    valid = batch["labels"] != -100
+    assert len(set(valid.sum(1).tolist())) > 3  # answers of many lengths
+    model.eval()  # the stem's BatchNorm in training mode would couple the two calls' batches anyway
+    args = batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"]
+    full = model(*args)  # (B, T, V)
+    for groups in (1, 3, 10):
+        packed = model(*args, answer_lengths=valid.sum(1), groups=groups)  # (N, V)
+        torch.testing.assert_close(packed, full[valid], atol=1e-5, rtol=1e-5)
+    grads = []
+    for fn in (lambda: f2.compute_loss(model, batch)[0],
+               lambda: f2.compute_loss(lambda *a, answer_lengths: model(*a)[valid], batch)[0]):
+        model.zero_grad()
+        fn().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
 def test_bad_mixture_is_named_before_training():
     cfg = f2.CONFIGS["toy"]
     with pytest.raises(ValueError, match="valid tasks"):
@@ -624,7 +646,7 @@ def test_soft_coordinate_targets():
     gauss = torch.log_softmax(-0.5 * ((k - batch["loc_bins"][is_loc, None]) / 20.0) ** 2, -1)  # ... or the Gaussian
     logits[is_loc] = torch.cat([torch.full((int(is_loc.sum()), first), -1e4), gauss,
                                 torch.full((int(is_loc.sum()), tok.vocab_size - first - 1000), -1e4)], 1)
-    fixed = lambda *args: logits  # noqa: E731  a "model" that returns these logits
+    fixed = lambda *args, answer_lengths: logits[labels != -100]  # noqa: E731  a "model" giving these logits
     assert f2.compute_loss(fixed, batch)[0] < 1e-4
     assert f2.compute_loss(fixed, one_hot)[0] > 1.0  # the same logits under one-hot targets: the Gaussian's spread
     scattered = type("Tok", (), {"encode": lambda self, text, add_special_tokens: [len(text)]})()  # ids 7 and 9
