@@ -1341,7 +1341,7 @@ CONFIGS = {
     # throughout, the text side never learns to find an object by its colour or shape (with 2-3 objects the box
     # lands on the named one at chance rate); a phase of mostly those tasks after it starts to (segmentation IoU
     # 0.41 -> 0.50, grounding 0.545 -> 0.575 in the 30-minute run: README "Florence-2")
-    "toy": StageConfig(loc_sigma=20.0, late_frac=0.25, late_tasks=",".join(
+    "toy": StageConfig(loc_sigma=20.0, late_frac=0.3, late_tasks=",".join(
         ["<CAPTION>"] * 2 + ["<OD>"] + ["<CAPTION_TO_PHRASE_GROUNDING>", "<REFERRING_EXPRESSION_SEGMENTATION>",
                                         "<OPEN_VOCABULARY_DETECTION>"] * 2)),
     # the paper's sizes, from scratch on your annotations (--data=file.jsonl --tokenizer=FOLDER) or fine-tuning
@@ -1356,7 +1356,7 @@ CONFIGS = {
 # early full-lr steps let the coordinate tasks wipe colour out of the image features (README "Florence-2").
 # base/large: a starting point for fine-tuning-scale runs, ours, not the paper's.
 TRAIN = {
-    "toy": dict(batch_size=32, max_iters=4200, lr=1e-3, warmup_iters=400, weight_decay=0.05, log_interval=50,
+    "toy": dict(batch_size=32, max_iters=4400, lr=1e-3, warmup_iters=400, weight_decay=0.05, log_interval=50,
                 ckpt_interval=500),
     "base": dict(batch_size=256, max_iters=20000, lr=1e-5, warmup_iters=500, weight_decay=0.01, beta2=0.999),
     "large": dict(batch_size=256, max_iters=20000, lr=5e-6, warmup_iters=500, weight_decay=0.01, beta2=0.999),
