@@ -1487,11 +1487,12 @@ def compute_loss(model, batch):
                    answer_lengths=valid.sum(1))
     nll = F.cross_entropy(logits.float(), labels[valid], reduction="none")  # (N,)
     if "loc_bins" in batch:
-        is_loc = batch["loc_bins"][valid] >= 0  # (N,)
+        bins = batch["loc_bins"][valid]  # (N,) the bin of each <loc_*> answer token, -1 elsewhere
+        is_loc = bins >= 0
         first, sigma = int(batch["loc_first"]), batch["loc_sigma"]
         logp = F.log_softmax(logits[is_loc].float(), -1)[:, first:first + NUM_BINS]  # (n, 1000) over the vocab
         k = torch.arange(NUM_BINS, device=logits.device)
-        soft = torch.softmax(-0.5 * ((k - batch["loc_bins"][valid][is_loc, None]) / sigma) ** 2, -1)  # (n, 1000)
+        soft = torch.softmax(-0.5 * ((k - bins[is_loc, None]) / sigma) ** 2, -1)  # (n, 1000)
         kl = (torch.special.xlogy(soft, soft) - soft * logp).sum(-1)  # KL(soft || p): 0 when p matches the target
         nll = nll.masked_scatter(is_loc, kl)
     per_answer = torch.zeros(labels.shape[0], device=nll.device).index_add(0, valid.nonzero()[:, 0], nll)  # (B,)
