@@ -90,6 +90,9 @@ class Florence2Config:
     decoder_start_token_id: int = 2  # BART starts decoding from </s>
     forced_bos_token_id: int = 0  # generation writes <s> first ...
     forced_eos_token_id: int = 2  # ... and </s> when it reaches the length limit
+    # toy training aid, not in the paper: > 0 adds a linear head on the vision tower's map that says which of that
+    # many words are written in the image (StageConfig.ocr_aux); generation never uses it
+    word_classes: int = 0
 
 
 # Model sizes. The training stage (section 10) names one of these; its own CONFIGS add data and tokenizer.
@@ -501,6 +504,7 @@ class Florence2(nn.Module):
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        self.word_head = nn.Linear(cfg.vision.embed_dims[-1], cfg.word_classes) if cfg.word_classes else None
         # BART's init on the text side; the vision tower keeps DaViT's (std 0.02 whatever init_std says: with the
         # toy's init_std=0.1 in its attention and MLP layers too, the mixture's coordinate tasks wiped colour out
         # of the image features within 300 steps, README "Florence-2")
@@ -515,13 +519,17 @@ class Florence2(nn.Module):
         if isinstance(m, nn.Embedding) and m.padding_idx is not None:
             nn.init.zeros_(m.weight[m.padding_idx])
 
-    def encode(self, pixel_values, input_ids, attention_mask=None):
+    def image_map(self, pixel_values):  # (B, 3, H, W) normalised -> the vision tower's map (B, C, H/32, W/32)
+        return self.vision_tower(pixel_values.to(self.projector.proj.weight.dtype))
+
+    def encode(self, pixel_values, input_ids, attention_mask=None, image_map=None):
         """Encode image + prompt. pixel_values (B, 3, H, W) normalised; input_ids (B, T) = <s> prompt </s>
-        (right-padded in a batch); attention_mask (B, T), default input_ids != pad.
-        Returns memory (B, S, d) and its mask (B, S) bool, S = image tokens + T."""
+        (right-padded in a batch); attention_mask (B, T), default input_ids != pad; image_map: the vision tower's
+        map of pixel_values if already computed. Returns memory (B, S, d) and its mask (B, S) bool,
+        S = image tokens + T."""
         if attention_mask is None:
             attention_mask = input_ids != self.cfg.pad_token_id
-        image = self.projector(self.vision_tower(pixel_values.to(self.projector.proj.weight.dtype)))
+        image = self.projector(self.image_map(pixel_values) if image_map is None else image_map)
         text = self.embed_tokens(input_ids) * self.embed_scale  # (B, T, d)
         x = torch.cat([image.to(text.dtype), text], dim=1)  # (B, n_image + T, d)
         image_mask = torch.ones(image.shape[:2], dtype=torch.bool, device=x.device)
@@ -534,7 +542,7 @@ class Florence2(nn.Module):
         return F.linear(x, self.embed_tokens.weight)  # tied output layer
 
     def forward(self, pixel_values, input_ids, decoder_input_ids, attention_mask=None, answer_lengths=None,
-                groups=4):
+                groups=4, words=False):
         """Teacher-forced logits (B, T_dec, vocab). decoder_input_ids = </s> <s> answer... (the answer shifted
         right behind decoder_start_token_id).
         answer_lengths (B,): training's shortcut. Only the first answer_lengths[b] positions of row b are wanted,
@@ -542,10 +550,23 @@ class Florence2(nn.Module):
         mixing 3-token categories with 80-token polygons is mostly padding otherwise (~70% in the Shapes-world
         mixture). The decoder is causal, so a row's logits do not depend on what follows them, and the result,
         logits (N, vocab) of those positions in row order (logits[position < length] of the full call), is the
-        same. The image tower and encoder run once on the whole batch."""
-        memory, mask = self.encode(pixel_values, input_ids, attention_mask)
-        if answer_lengths is None:
-            return self.decode(decoder_input_ids, memory, mask)
+        same. The image tower and encoder run once on the whole batch.
+        words: also return the word head's logits (B, word_classes) (the toy's training aid, StageConfig.ocr_aux)."""
+        image_map = self.image_map(pixel_values)  # (B, C, h, w)
+        memory, mask = self.encode(pixel_values, input_ids, attention_mask, image_map)
+        logits = (self.decode(decoder_input_ids, memory, mask) if answer_lengths is None else
+                  self.decode_grouped(decoder_input_ids, memory, mask, answer_lengths, groups))
+        if not words:
+            return logits
+        if self.word_head is None:
+            raise ValueError("words=True needs a model built with word_classes > 0 (StageConfig.ocr_aux > 0)")
+        # a word is written if some cell of the map sees it: per-cell word logits, then the max over the cells
+        cells = self.word_head(image_map.flatten(2).transpose(1, 2))  # (B, h*w, word_classes)
+        return logits, cells.amax(1)
+
+    def decode_grouped(self, decoder_input_ids, memory, mask, answer_lengths, groups):
+        """forward's training shortcut: logits (N, vocab) of the first answer_lengths[b] positions of each row b,
+        decoded in `groups` groups of rows sorted by length."""
         order = torch.argsort(answer_lengths, descending=True)
         packed = []  # (rows, logits (n_rows, T_group, vocab)) per group
         for rows in order.chunk(groups):
@@ -1316,6 +1337,9 @@ class StageConfig:
     drop_path_rate: float = 0.0  # DaViT stochastic depth
     max_target_tokens: int = 128  # answers are cut to this many tokens (</s> kept); also the generation limit
     loc_sigma: float = 0.0  # > 0: a coordinate's target is a Gaussian over the bins (std in bins), not one bin
+    # > 0 (Shapes world only): a training aid, not the paper's: the image tower's map also learns to say which of
+    # data.WORDS are written in the image (Florence2.word_head), this weight times its binary cross entropy
+    ocr_aux: float = 0.0
     # data: "shapes" (the built-in world, a fresh image per sample) or a TaskFile .jsonl of real annotations
     data: str = "shapes"
     val_data: str = ""  # a .jsonl file; for "shapes" the val split is used
@@ -1377,6 +1401,9 @@ def build_tokenizer(cfg: StageConfig):
 
 
 def build_model(cfg: StageConfig, tokenizer) -> Florence2:
+    if cfg.ocr_aux > 0 and (cfg.pretrained or cfg.data != "shapes"):
+        raise ValueError("ocr_aux > 0 is a training aid for the Shapes world's words: it needs --data=shapes and "
+                         "no --pretrained (pass --ocr_aux=0)")
     if cfg.pretrained:
         model = Florence2.from_pretrained(cfg.pretrained).train()
         if model.cfg.vocab_size < tokenizer.vocab_size:
@@ -1390,7 +1417,8 @@ def build_model(cfg: StageConfig, tokenizer) -> Florence2:
     return Florence2(replace(m, vision=replace(m.vision, drop_path_rate=cfg.drop_path_rate),
                              vocab_size=tokenizer.vocab_size, dropout=cfg.dropout, attention_dropout=cfg.dropout,
                              bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, decoder_start_token_id=eos,
-                             forced_bos_token_id=bos, forced_eos_token_id=eos))
+                             forced_bos_token_id=bos, forced_eos_token_id=eos,
+                             word_classes=len(data.WORDS) if cfg.ocr_aux > 0 else 0))
 
 
 def image_size(cfg: StageConfig):
@@ -1465,6 +1493,10 @@ def collate(samples, tokenizer, cfg: StageConfig, rngs=None, progress=None):
         bins = labels - first
         batch["loc_bins"] = bins.masked_fill((bins < 0) | (bins >= NUM_BINS), -1)  # (B, T); -100 falls below 0
         batch["loc_first"], batch["loc_sigma"] = torch.tensor(first), torch.tensor(float(cfg.loc_sigma))
+    if cfg.ocr_aux > 0:  # which of data.WORDS each image shows, for the word head's loss
+        batch["words"] = torch.tensor([[float(any(w["text"] == word for w in s["ocr"])) for word in data.WORDS]
+                                       for s in samples])  # (B, 16)
+        batch["ocr_aux"] = torch.tensor(float(cfg.ocr_aux))
     return batch
 
 
@@ -1483,8 +1515,11 @@ def compute_loss(model, batch):
     labels = batch["labels"]
     valid = labels != -100  # (B, T): the answer tokens; a row's are its first ones (collate pads at the end)
     # logits (N, vocab) of the N answer tokens in row order: the model decodes rows grouped by answer length
-    logits = model(batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"],
-                   answer_lengths=valid.sum(1))
+    args = batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"]
+    if "words" in batch:  # the toy's training aid (StageConfig.ocr_aux): the word head's logits (B, 16) too
+        logits, word_logits = model(*args, answer_lengths=valid.sum(1), words=True)
+    else:
+        logits, word_logits = model(*args, answer_lengths=valid.sum(1)), None
     nll = F.cross_entropy(logits.float(), labels[valid], reduction="none")  # (N,)
     if "loc_bins" in batch:
         bins = batch["loc_bins"][valid]  # (N,) the bin of each <loc_*> answer token, -1 elsewhere
@@ -1496,7 +1531,11 @@ def compute_loss(model, batch):
         kl = (torch.special.xlogy(soft, soft) - soft * logp).sum(-1)  # KL(soft || p): 0 when p matches the target
         nll = nll.masked_scatter(is_loc, kl)
     per_answer = torch.zeros(labels.shape[0], device=nll.device).index_add(0, valid.nonzero()[:, 0], nll)  # (B,)
-    return (per_answer / valid.sum(1)).mean(), {}
+    loss = (per_answer / valid.sum(1)).mean()
+    if word_logits is None:
+        return loss, {}
+    word_bce = F.binary_cross_entropy_with_logits(word_logits.float(), batch["words"])
+    return loss + batch["ocr_aux"] * word_bce, {"word_bce": word_bce.item()}
 
 
 # -- metrics, one per task family, on post-processed answers (the structures users get) ------------------

@@ -576,6 +576,41 @@ def test_collate_and_loss():
     assert tok.decode(text["input_ids"][0], skip_special_tokens=True) == f2.task_prompt(*examples[0][:2])
 
 
+def test_word_head_training_aid():
+    """ocr_aux > 0 (toy only): the image tower's map also learns which of data.WORDS are written. collate marks each
+    image's words; the loss adds ocr_aux times the binary cross entropy of the word head's max over the map's cells,
+    and its gradient reaches the tower. Without ocr_aux the model has no such head and the loss is unchanged."""
+    cfg, tok, model = toy_setup(ocr_aux=2.0)
+    samples = shapes(8, size=96)
+    batch = f2.collate(samples, tok, cfg, [random.Random(i) for i in range(8)])
+    assert batch["words"].shape == (8, len(data.WORDS))
+    for row, sample in zip(batch["words"], samples):
+        assert {data.WORDS[k] for k in row.nonzero()[:, 0].tolist()} == {w["text"] for w in sample["ocr"]}
+    assert batch["words"].sum() > 0 and (batch["words"].sum(1) == 0).any()  # images with and without words
+    model.eval()  # BatchNorm in eval mode, so the two calls below see the same features
+    loss, logs = f2.compute_loss(model, batch)
+    plain = {k: v for k, v in batch.items() if k not in ("words", "ocr_aux")}
+    seq_loss, _ = f2.compute_loss(model, plain)
+    args = batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"]
+    _, word_logits = model(*args, words=True)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(word_logits, batch["words"])
+    torch.testing.assert_close(loss, seq_loss + 2.0 * bce)
+    assert logs["word_bce"] == pytest.approx(bce.item())
+    cells = model.word_head(model.image_map(batch["pixel_values"]).flatten(2).transpose(1, 2))  # (8, 36, 16)
+    torch.testing.assert_close(word_logits, cells.max(1).values)
+    model.zero_grad()
+    bce.backward()
+    assert model.word_head.weight.grad.abs().sum() > 0
+    assert model.vision_tower.convs[0].convs[0].weight.grad.abs().sum() > 0  # the head teaches the tower's first conv
+    _, _, plain_model = toy_setup(ocr_aux=0.0)
+    assert plain_model.word_head is None
+    assert "words" not in f2.collate(samples, tok, dataclasses.replace(cfg, ocr_aux=0.0))
+    with pytest.raises(ValueError, match="word_classes > 0"):
+        plain_model(*args, words=True)
+    with pytest.raises(ValueError, match="ocr_aux > 0 .* --data=shapes"):
+        f2.build_model(dataclasses.replace(cfg, data="mine.jsonl"), tok)
+
+
 def test_grouped_decoding_matches_the_full_call():
     """Training decodes the rows grouped by answer length, each group cut to its longest answer: the logits of the
     answer positions and the gradients are those of the full padded call."""
