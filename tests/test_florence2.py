@@ -796,6 +796,16 @@ def test_short_training_run_learns(tmp_path, monkeypatch):
     assert colour >= 0.35, (colour, captions[:5])
 
 
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 3 open: OCR word accuracy is at chance (README 'Florence-2')")
+def test_default_run_reaches_the_issue_bars(tmp_path):
+    """`python train.py --stage florence2` with no other argument (~27 min on 2 cores): the five targets of issue 3
+    on the 200 val images. Strict: once the run reaches them the xfail must go."""
+    metrics = train.main(["--stage", "florence2", f"--out_dir={tmp_path}"])
+    bars = {"caption_em": 0.8, "od_map50": 0.6, "grounding_acc50": 0.7, "res_miou": 0.5, "ocr_word_acc": 0.7}
+    assert all(metrics[k] >= bar for k, bar in bars.items()), metrics
+
+
 # -- command line ------------------------------------------------------------------------------------------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
