@@ -1338,7 +1338,8 @@ class StageConfig:
     max_target_tokens: int = 128  # answers are cut to this many tokens (</s> kept); also the generation limit
     loc_sigma: float = 0.0  # > 0: a coordinate's target is a Gaussian over the bins (std in bins), not one bin
     # > 0 (Shapes world only): a training aid, not the paper's: the image tower's map also learns to say which of
-    # data.WORDS are written in the image (Florence2.word_head), this weight times its binary cross entropy
+    # data.WORDS are written in the image (Florence2.word_head), this weight times its binary cross entropy. Off in
+    # the toy: with it the tower reads (OCR 0.95 at 0.3) but its stem loses shape (README "A word head")
     ocr_aux: float = 0.0
     # data: "shapes" (the built-in world, a fresh image per sample) or a TaskFile .jsonl of real annotations
     data: str = "shapes"
