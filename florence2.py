@@ -551,7 +551,8 @@ class Florence2(nn.Module):
         mixture). The decoder is causal, so a row's logits do not depend on what follows them, and the result,
         logits (N, vocab) of those positions in row order (logits[position < length] of the full call), is the
         same. The image tower and encoder run once on the whole batch.
-        words: also return the word head's logits (B, word_classes) (the toy's training aid, StageConfig.ocr_aux)."""
+        words: also return the word head's per-cell logits (B, h, w, word_classes) (the toy's training aid,
+        StageConfig.ocr_aux)."""
         image_map = self.image_map(pixel_values)  # (B, C, h, w)
         memory, mask = self.encode(pixel_values, input_ids, attention_mask, image_map)
         logits = (self.decode(decoder_input_ids, memory, mask) if answer_lengths is None else
@@ -560,9 +561,8 @@ class Florence2(nn.Module):
             return logits
         if self.word_head is None:
             raise ValueError("words=True needs a model built with word_classes > 0 (StageConfig.ocr_aux > 0)")
-        # a word is written if some cell of the map sees it: per-cell word logits, then the max over the cells
-        cells = self.word_head(image_map.flatten(2).transpose(1, 2))  # (B, h*w, word_classes)
-        return logits, cells.amax(1)
+        # each cell of the map names the word written there (compute_loss asks only the cells under a word)
+        return logits, self.word_head(image_map.permute(0, 2, 3, 1))  # (B, h, w, word_classes)
 
     def decode_grouped(self, decoder_input_ids, memory, mask, answer_lengths, groups):
         """forward's training shortcut: logits (N, vocab) of the first answer_lengths[b] positions of each row b,
@@ -1494,9 +1494,13 @@ def collate(samples, tokenizer, cfg: StageConfig, rngs=None, progress=None):
         bins = labels - first
         batch["loc_bins"] = bins.masked_fill((bins < 0) | (bins >= NUM_BINS), -1)  # (B, T); -100 falls below 0
         batch["loc_first"], batch["loc_sigma"] = torch.tensor(first), torch.tensor(float(cfg.loc_sigma))
-    if cfg.ocr_aux > 0:  # which of data.WORDS each image shows, for the word head's loss
-        batch["words"] = torch.tensor([[float(any(w["text"] == word for w in s["ocr"])) for word in data.WORDS]
-                                       for s in samples])  # (B, 16)
+    if cfg.ocr_aux > 0:  # the words each image shows (their data.WORDS index, -1 = none) and their centres
+        words = [[(data.WORDS.index(w["text"]), sum(w["quad"][0::2]) / 4 / s["image"].width,
+                   sum(w["quad"][1::2]) / 4 / s["image"].height) for w in s["ocr"]] for s in samples]
+        n = max(1, max(map(len, words)))
+        batch["words"] = torch.tensor([[k for k, _, _ in row] + [-1] * (n - len(row)) for row in words])  # (B, n)
+        batch["word_xy"] = torch.tensor([[[x, y] for _, x, y in row] + [[0.0, 0.0]] * (n - len(row))
+                                         for row in words])  # (B, n, 2) as fractions of the image's width, height
         batch["ocr_aux"] = torch.tensor(float(cfg.ocr_aux))
     return batch
 
@@ -1535,8 +1539,17 @@ def compute_loss(model, batch):
     loss = (per_answer / valid.sum(1)).mean()
     if word_logits is None:
         return loss, {}
-    word_bce = F.binary_cross_entropy_with_logits(word_logits.float(), batch["words"])
-    return loss + batch["ocr_aux"] * word_bce, {"word_bce": word_bce.item()}
+    # the word head's loss: the cell under each word's centre names it (cross entropy over the 16 words). Only
+    # cells under words are asked: a max over all cells against "which words are written" (a multi-label loss)
+    # also taught the tower to read, but it pulled every cell towards words and the stem lost shape (README)
+    B, h, w, _ = word_logits.shape
+    has = batch["words"] >= 0  # (B, n)
+    xy = batch["word_xy"][has]  # (m, 2)
+    col, row = (xy[:, 0] * w).long().clamp(0, w - 1), (xy[:, 1] * h).long().clamp(0, h - 1)
+    b = has.nonzero()[:, 0]  # (m,) the image of each word
+    cells = word_logits[b, row, col].float()  # (m, word_classes)
+    word_ce = F.cross_entropy(cells, batch["words"][has]) if len(b) else cells.sum() * 0
+    return loss + batch["ocr_aux"] * word_ce, {"word_ce": word_ce.item()}
 
 
 # -- metrics, one per task family, on post-processed answers (the structures users get) ------------------

@@ -577,31 +577,44 @@ def test_collate_and_loss():
 
 
 def test_word_head_training_aid():
-    """ocr_aux > 0 (toy only): the image tower's map also learns which of data.WORDS are written. collate marks each
-    image's words; the loss adds ocr_aux times the binary cross entropy of the word head's max over the map's cells,
-    and its gradient reaches the tower. Without ocr_aux the model has no such head and the loss is unchanged."""
+    """ocr_aux > 0 (toy only): each cell of the image tower's map also learns to name the word written there.
+    collate gives each image's words (data.WORDS indices, -1 padding) and their centres; the loss adds ocr_aux
+    times the cross entropy of the cell under each centre, and its gradient reaches the tower's first conv.
+    Without ocr_aux the model has no such head and the loss is unchanged."""
     cfg, tok, model = toy_setup(ocr_aux=2.0)
     samples = shapes(8, size=96)
     batch = f2.collate(samples, tok, cfg, [random.Random(i) for i in range(8)])
-    assert batch["words"].shape == (8, len(data.WORDS))
-    for row, sample in zip(batch["words"], samples):
-        assert {data.WORDS[k] for k in row.nonzero()[:, 0].tolist()} == {w["text"] for w in sample["ocr"]}
-    assert batch["words"].sum() > 0 and (batch["words"].sum(1) == 0).any()  # images with and without words
-    model.eval()  # BatchNorm in eval mode, so the two calls below see the same features
+    n = max(len(s["ocr"]) for s in samples)
+    assert batch["words"].shape == (8, n) and batch["word_xy"].shape == (8, n, 2)
+    for words, xy, sample in zip(batch["words"], batch["word_xy"], samples):
+        assert [data.WORDS[k] for k in words if k >= 0] == [w["text"] for w in sample["ocr"]]
+        for (x, y), w in zip(xy, sample["ocr"]):  # the quad's centre, as a fraction of the 96-px image
+            assert x * 96 == pytest.approx((w["quad"][0] + w["quad"][2]) / 2, abs=1e-3)
+            assert y * 96 == pytest.approx((w["quad"][1] + w["quad"][5]) / 2, abs=1e-3)
+    assert n == 2 and (batch["words"] == -1).any() and (batch["words"] >= 0).sum() > 3
+    model.eval()  # BatchNorm in eval mode, so the calls below see the same features
     loss, logs = f2.compute_loss(model, batch)
-    plain = {k: v for k, v in batch.items() if k not in ("words", "ocr_aux")}
+    plain = {k: v for k, v in batch.items() if k not in ("words", "word_xy", "ocr_aux")}
     seq_loss, _ = f2.compute_loss(model, plain)
     args = batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"]
-    _, word_logits = model(*args, words=True)
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(word_logits, batch["words"])
-    torch.testing.assert_close(loss, seq_loss + 2.0 * bce)
-    assert logs["word_bce"] == pytest.approx(bce.item())
-    cells = model.word_head(model.image_map(batch["pixel_values"]).flatten(2).transpose(1, 2))  # (8, 36, 16)
-    torch.testing.assert_close(word_logits, cells.max(1).values)
+    _, cells = model(*args, words=True)
+    assert cells.shape == (8, 6, 6, len(data.WORDS))
+    # the reference: word by word, the cell (row, col) = (floor(6 y), floor(6 x)) against the word's index
+    ce = [torch.nn.functional.cross_entropy(cells[i, int(6 * y), int(6 * x)], batch["words"][i, j])
+          for i in range(8) for j, (x, y) in enumerate(batch["word_xy"][i].tolist()) if batch["words"][i, j] >= 0]
+    ce = torch.stack(ce).mean()
+    torch.testing.assert_close(loss, seq_loss + 2.0 * ce)
+    assert logs["word_ce"] == pytest.approx(ce.item())
+    torch.testing.assert_close(cells, model.word_head(model.image_map(batch["pixel_values"]).permute(0, 2, 3, 1)))
     model.zero_grad()
-    bce.backward()
+    ce.backward()
     assert model.word_head.weight.grad.abs().sum() > 0
     assert model.vision_tower.convs[0].convs[0].weight.grad.abs().sum() > 0  # the head teaches the tower's first conv
+    # a batch without words: no word loss, nothing breaks
+    no_words = [s for s in samples if not s["ocr"]]
+    bare = f2.collate(no_words, tok, cfg, [random.Random(i) for i in range(len(no_words))])
+    assert (bare["words"] == -1).all()
+    torch.testing.assert_close(f2.compute_loss(model, bare)[0], f2.compute_loss(model, {k: bare[k] for k in plain})[0])
     _, _, plain_model = toy_setup(ocr_aux=0.0)
     assert plain_model.word_head is None
     assert "words" not in f2.collate(samples, tok, dataclasses.replace(cfg, ocr_aux=0.0))
