@@ -577,7 +577,7 @@ def test_collate_and_loss():
 
 
 def test_word_head_training_aid():
-    """ocr_aux > 0 (toy only): each cell of the image tower's map also learns to name the word written there.
+    """ocr_aux > 0 (Shapes world only): each cell of the image tower's map also learns to name the word written there.
     collate gives each image's words (data.WORDS indices, -1 padding) and their centres; the loss adds ocr_aux
     times the cross entropy of the cell under each centre, and its gradient reaches the tower's first conv.
     Without ocr_aux the model has no such head and the loss is unchanged."""
@@ -620,8 +620,8 @@ def test_word_head_training_aid():
     assert "words" not in f2.collate(samples, tok, dataclasses.replace(cfg, ocr_aux=0.0))
     with pytest.raises(ValueError, match="word_classes > 0"):
         plain_model(*args, words=True)
-    with pytest.raises(ValueError, match="ocr_aux > 0 .* --data=shapes"):
-        f2.build_model(dataclasses.replace(cfg, data="mine.jsonl"), tok)
+    # real annotations (and released weights) have no fixed word list: the toy's ocr_aux is then ignored
+    assert f2.build_model(dataclasses.replace(cfg, data="mine.jsonl"), tok).word_head is None
 
 
 def test_grouped_decoding_matches_the_full_call():
