@@ -1548,8 +1548,10 @@ def compute_loss(model, batch):
         return loss, {}
     # the word head's loss: the cell under each word's centre names it (cross entropy over the 16 words). Only
     # cells under words are asked: a max over all cells against "which words are written" (a multi-label loss)
-    # also taught the tower to read, but it pulled every cell towards words and the stem lost shape (README)
-    B, h, w, _ = word_logits.shape
+    # also taught the tower to read, but it pulled every cell towards words and the stem lost shape (README).
+    # A mean over the batch's words, so unlike the answers' loss it is not exactly the mean of its micro-batches'
+    # (they hold different numbers of words): a training aid's weighting, not the paper's loss
+    _, h, w, _ = word_logits.shape
     has = batch["words"] >= 0  # (B, n)
     xy = batch["word_xy"][has]  # (m, 2)
     col, row = (xy[:, 0] * w).long().clamp(0, w - 1), (xy[:, 1] * h).long().clamp(0, h - 1)
