@@ -4,8 +4,8 @@
     python tests/bench.py coswin     # one (names: the bench_* functions below, without the prefix)
 
 Each benchmark alternates ours and the reference call by call (so load from other processes hits both alike), after
-warm-up, and reports medians and the ratio ours / reference (goal <= 1.0). Add a benchmark by writing another
-`bench_<name>()` function; it is picked up automatically.
+warm-up, and reports medians, the ratio ours / reference (goal <= 1.0) and the median and range of the rounds'
+own ratios. Add a benchmark by writing another `bench_<name>()` function; it is picked up automatically.
 """
 import math
 import os
@@ -98,7 +98,6 @@ def bench_florence2():
     768 px image and a 10-token prompt: forward + backward on 32 target tokens, greedy and 3-beam generation of
     32 new tokens. Seconds per call on a few cores, hence 1 warm-up round; 7 timed ones (~6 min in all on 2),
     as with 3 the ratio moved by +-0.02 between runs, which is the whole question at parity."""
-    REPS = 7
     import tempfile
     from dataclasses import replace
 
@@ -150,7 +149,7 @@ def bench_florence2():
 
     ours.train(), reference.train()
     timing = time_alternating(train_step(lambda: ours(pixels, prompt, decoder_ids), ours),
-                              train_step(lambda: hf_logits(decoder_ids), reference), warmup=1, reps=REPS)
+                              train_step(lambda: hf_logits(decoder_ids), reference), warmup=1)
     grad_diff = (ours.embed_tokens.weight.grad - reference.model.language_model.shared.weight.grad).abs().max()
     report(f"florence2 forward+backward, 32 target tokens (max |grad diff| of the token embedding "
            f"{grad_diff.item():.1e})", timing, "transformers")
@@ -170,7 +169,7 @@ def bench_florence2():
                     pixel_values=pixels, input_ids=hf_prompt, max_new_tokens=32, num_beams=beams, do_sample=False,
                     no_repeat_ngram_size=0, **beam_options)
 
-        timing = time_alternating(ours_generate, hf_generate, warmup=1, reps=REPS)
+        timing = time_alternating(ours_generate, hf_generate, warmup=1)
         same = out["ours"].tolist() == out["transformers"].tolist()
         lengths = out["ours"].shape[1] - 1, out["transformers"].shape[1] - 1
         report(f"florence2 {'greedy' if beams == 1 else f'{beams}-beam'} generation, new tokens ours/transformers "
