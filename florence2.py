@@ -1351,6 +1351,8 @@ class StageConfig:
     # throughout), so a narrower --tasks is never given tasks it left out; --late_frac=0 keeps one mixture
     late_tasks: str = ""
     late_frac: float = 0.0
+    early_tasks: str = ""  # likewise the mixture of the first `early_frac` of the steps (checked like late_tasks)
+    early_frac: float = 0.0
     train_size: int = 100000  # Shapes world: distinct training images
     val_size: int = 200  # Shapes world: val images, each evaluated on the five metric tasks; 0 = no eval
     max_objects: int = 3  # Shapes world: 1..max_objects shapes per image
@@ -1442,7 +1444,10 @@ def image_size(cfg: StageConfig):
 
 def build_datasets(cfg: StageConfig, seed: int, skip_bad: bool = False):
     """-> (train dataset, val dataset or None) of raw samples: Shapes-world dicts or TaskFile rows."""
-    for key in ("tasks", "late_tasks") if cfg.late_tasks else ("tasks",):
+    if not (0 <= cfg.early_frac and 0 <= cfg.late_frac and cfg.early_frac + cfg.late_frac <= 1):
+        raise ValueError(f"need early_frac, late_frac >= 0 with early_frac + late_frac <= 1 (the two phases must "
+                         f"not overlap), got {cfg.early_frac} and {cfg.late_frac}")
+    for key in ("tasks",) + tuple(k for k in ("early_tasks", "late_tasks") if getattr(cfg, k)):
         mixture = getattr(cfg, key)
         for task in mixture.split(","):
             _check_task(task)  # an unknown task in --tasks lists the valid ones before any training
@@ -1478,10 +1483,13 @@ def prompt_text(task, text_input, style):
 def collate(samples, tokenizer, cfg: StageConfig, rngs=None, progress=None):
     """Raw samples -> batch tensors. rngs: one random.Random per sample in training, which draws its task (and
     object); None (evaluation) draws with a fixed seed per position. progress: the share of the training steps
-    done; for the last `late_frac` the tasks are drawn from those of `late_tasks` in `tasks`. Florence-2's
-    decoder reads the answer shifted right behind </s> (BART's decoder start) and learns to write <s> answer </s>."""
+    done; for the first `early_frac` the tasks are drawn from those of `early_tasks` in `tasks`, for the last
+    `late_frac` from those of `late_tasks`. Florence-2's decoder reads the answer shifted right behind </s> (BART's
+    decoder start) and learns to write <s> answer </s>."""
     tasks = cfg.tasks.split(",")
-    if progress is not None and progress >= 1 - cfg.late_frac:
+    if progress is not None and progress < cfg.early_frac:
+        tasks = [t for t in cfg.early_tasks.split(",") if t in tasks] or tasks
+    elif progress is not None and progress >= 1 - cfg.late_frac:
         tasks = [t for t in cfg.late_tasks.split(",") if t in tasks] or tasks
     rngs = rngs or [random.Random(i) for i in range(len(samples))]
     examples = [make_example(s, tasks, r) for s, r in zip(samples, rngs)]

@@ -657,16 +657,22 @@ def test_bad_mixture_is_named_before_training():
         f2.build_datasets(dataclasses.replace(cfg, late_tasks="<CAPTION>,<DETECT>", late_frac=0.2), seed=0)
     with pytest.raises(ValueError, match="--late_tasks=<OCR> needs words.* add a task without OCR"):
         f2.build_datasets(dataclasses.replace(cfg, late_tasks="<OCR>", late_frac=0.2), seed=0)
+    with pytest.raises(ValueError, match="--early_tasks=<OCR> needs words.* add a task without OCR"):
+        f2.build_datasets(dataclasses.replace(cfg, early_tasks="<OCR>", early_frac=0.2), seed=0)
+    with pytest.raises(ValueError, match="must not overlap"):
+        f2.build_datasets(dataclasses.replace(cfg, early_frac=0.8), seed=0)  # the toy's late phase is 0.3
 
 
-def test_late_mixture_takes_over_for_the_last_steps():
-    """late_tasks replace tasks once the share of steps done (train.py passes step / max_iters) reaches
-    1 - late_frac; without a progress (evaluation) the main mixture is used. Only late tasks that --tasks has
-    are drawn: a narrower --tasks is never given tasks it left out."""
-    cfg, tok, _ = toy_setup(tasks="<OD>,<CAPTION>", late_tasks="<CAPTION>,<OCR>", late_frac=0.25)
+def test_early_and_late_mixtures_take_over_at_their_ends():
+    """early_tasks replace tasks while the share of steps done (train.py passes step / max_iters) is below
+    early_frac, late_tasks once it reaches 1 - late_frac; without a progress (evaluation) the main mixture is
+    used. Only early / late tasks that --tasks has are drawn: a narrower --tasks is never given tasks it left out."""
+    cfg, tok, _ = toy_setup(tasks="<OD>,<CAPTION>", late_tasks="<CAPTION>,<OCR>", late_frac=0.25,
+                            early_tasks="<OD>,<REGION_PROPOSAL>", early_frac=0.1)
     samples = shapes(16, size=96)
     drawn = lambda batch: set(tok.decode(ids[1:2]) for ids in batch["input_ids"])  # noqa: E731  the task tokens
-    for progress, want in ((0.0, {"<OD>", "<CAPTION>"}), (0.74, {"<OD>", "<CAPTION>"}), (0.75, {"<CAPTION>"}),
+    for progress, want in ((0.0, {"<OD>"}), (0.099, {"<OD>"}), (0.1, {"<OD>", "<CAPTION>"}),
+                           (0.74, {"<OD>", "<CAPTION>"}), (0.75, {"<CAPTION>"}),
                            (0.99, {"<CAPTION>"}), (None, {"<OD>", "<CAPTION>"})):
         assert drawn(f2.collate(samples, tok, cfg, [random.Random(i) for i in range(16)], progress)) == want
     narrow = dataclasses.replace(cfg, tasks="<OD>")  # no late task in --tasks: one mixture throughout
