@@ -106,9 +106,9 @@ MODELS = {
     # BART's init std of 0.02 is for width 768+: at width 128 the model took ~3x more samples to start reading
     # the image (caption-only probe, 64 px: loss 0.72 = the text's marginal entropy after 9,600 samples with
     # 0.02, 0.52 with 0.05). From 0.1, whether the mixture learnt binding and reading hung on the draw (seeds 2
-    # and 4 missed targets; the failure followed the text side's initial weights); the same draws halved meet
-    # all five targets (README "Where seed 2's failure lives"), so the toy's text side starts from 0.05 (DaViT
-    # keeps its own 0.02: Florence2.__init__).
+    # and 4 missed targets; the failure followed the text side's initial weights); the same draws halved met all
+    # five targets on both (README "The remedy"), so the toy's text side starts from 0.05 (DaViT keeps its own
+    # 0.02: Florence2.__init__). From 0.05, seeds 1 and 3 miss captions on held-out pairs (README "The toy run").
     "toy": Florence2Config(
         vision=DaViTConfig(stem=(16, 32, 64, 128), depths=(1,), embed_dims=(128,), num_heads=(4,), num_groups=(4,),
                            patch_size=(7,), patch_stride=(16,), patch_padding=(3,), patch_prenorm=(False,),
