@@ -130,16 +130,20 @@ def _background(rng: random.Random, res: int) -> tuple[np.ndarray, str, bool]:
     rgb = np.array([base + rng.uniform(-6, 6) for _ in range(3)], dtype=np.float32)
     kind = rng.choice(("noisy", "gradient", "striped"))
     dx, dy = rng.choice(((1, 0), (0, 1), (1, 1), (1, -1)))  # integer directions keep the maths exact
-    y = np.arange(res, dtype=np.float32)[:, None]
-    x = np.arange(res, dtype=np.float32)[None, :]
+    y = np.arange(res)[:, None]
+    x = np.arange(res)[None, :]
     texture = _hash_noise(res, res, rng.randrange(1 << 16), rng.randrange(1 << 16)) * (12 if kind == "noisy" else 4)
     if kind == "gradient":  # a linear ramp of +-15 grey levels along the direction
+        x, y = x.astype(np.float32), y.astype(np.float32)
         ramp = (x * dx + y * dy) / (res * (abs(dx) + abs(dy)))  # (res, res) in [0, 1), or (-0.5, 0.5) when dy < 0
         texture = texture + 30 * (ramp - (0.5 if dy >= 0 else 0.0))
     elif kind == "striped":  # bands a few percent of the image wide
         period = max(2, round(res * rng.uniform(0.05, 0.12)))
-        texture = texture + 8 * (((x * dx + y * dy) // period) % 2 * 2 - 1)
-    pixels = np.clip(rgb + texture[..., None], 0, 255).astype(np.uint8)  # (res, res, 3)
+        band = (x * dx + y * dy) // period % 2  # (res, res) integers 0 / 1
+        texture = texture + (16 * band - 8).astype(np.float32)  # +-8; integer floor division is ~10x faster
+    pixels = np.empty((res, res, 3), dtype=np.uint8)
+    for c in range(3):  # one channel at a time: ~2x faster than clipping the (res, res, 3) float array, same values
+        pixels[..., c] = np.clip(texture + rgb[c], 0, 255)
     return pixels, f"{'dark' if dark else 'light'} {kind}", dark
 
 
