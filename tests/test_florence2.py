@@ -576,6 +576,28 @@ def test_collate_and_loss():
     assert tok.decode(text["input_ids"][0], skip_special_tokens=True) == f2.task_prompt(*examples[0][:2])
 
 
+def test_label_smoothing_moves_only_the_text_tokens():
+    """label_smoothing = eps: each text token's loss becomes (1 - eps) nll + eps * mean over the vocabulary of
+    -log p (torch's definition); coordinate tokens keep their Gaussian targets (loc_sigma > 0 in the toy)."""
+    cfg, tok, model = toy_setup(max_target_tokens=40, ocr_aux=0.0)
+    model.eval()  # the stem's BatchNorm in eval mode, so two calls see the same function
+    samples, eps = shapes(8, size=96), 0.1
+    collate = lambda c: f2.collate(samples, tok, c, [random.Random(i) for i in range(8)])  # noqa: E731
+    batch = collate(cfg)
+    assert "label_smoothing" not in batch and (batch["loc_bins"] >= 0).any() and (batch["loc_bins"] == -1).any()
+    plain = f2.compute_loss(model, batch)[0]
+    smooth = f2.compute_loss(model, collate(dataclasses.replace(cfg, label_smoothing=eps)))[0]
+    valid = batch["labels"] != -100
+    logits = model(batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"],
+                   answer_lengths=valid.sum(1)).float()  # (N, vocab), the answer tokens in row order
+    logp = logits.log_softmax(-1)
+    nll = -logp.gather(1, batch["labels"][valid][:, None])[:, 0]
+    delta = torch.where(batch["loc_bins"][valid] < 0, eps * (-logp.mean(-1) - nll), torch.zeros_like(nll))
+    per_answer = torch.zeros(len(samples)).index_add(0, valid.nonzero()[:, 0], delta) / valid.sum(1)
+    torch.testing.assert_close(smooth - plain, per_answer.mean(), atol=1e-5, rtol=0)
+    assert abs((smooth - plain).item()) > 1e-3  # it does move the loss
+
+
 def test_word_head_training_aid():
     """ocr_aux > 0 (Shapes world only): each cell of the image tower's map also learns to name the word written there.
     collate gives each image's words (data.WORDS indices, -1 padding) and their centres; the loss adds ocr_aux
