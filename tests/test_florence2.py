@@ -840,7 +840,7 @@ def test_short_training_run_learns(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_default_run_reaches_the_issue_bars(tmp_path):
-    """`python train.py --stage florence2` with no other argument (20-25 min on 2 cores): the five targets of issue 3
+    """`python train.py --stage florence2` with no other argument (25 min on a slow day of 2 cores): the five targets of issue 3
     on the 200 val images (README "The toy run")."""
     metrics = train.main(["--stage", "florence2", f"--out_dir={tmp_path}"])
     bars = {"caption_em": 0.8, "od_map50": 0.6, "grounding_acc50": 0.7, "res_miou": 0.5, "ocr_word_acc": 0.7}
