@@ -10,7 +10,8 @@
     python tests/probe_shapes.py --arch cnn --unicl --eval_interval=500   # `python train.py` with that CNN as the
                                                                           # image tower (any train.py flags follow)
     python tests/probe_shapes.py --arch cnn --width 32 --florence2 '--tasks=<CAPTION>' --max_objects=1  # Florence-2
-    python tests/probe_shapes.py --read out/ckpt.pt   # colour and shape left in a Florence-2 run's image features
+    python tests/probe_shapes.py --read out/ckpt.pt   # colour and shape left in a Florence-2 run's image features,
+                                                      # on seen and on held-out colour-shape pairs
 
 Supervised 36-way colour x shape cross-entropy on the same single-object 48 px images as the toy UniCL run (20k
 distinct training images, 720 val images), batch 128, AdamW with warmup + cosine. Prints the val accuracy of the
@@ -137,12 +138,17 @@ def florence2_swap(args):
 
 def read_florence2(path, n_fit=600, n_test=300):
     """What a trained Florence-2 checkpoint's image tower still encodes: a linear probe (max, mean and min over the
-    map, fitted on n_fit single-object images, scored on n_test others) for colour and for shape, on the stem's
-    output and on DaViT's last map. A probe at chance (1/6) means the information is gone, not merely unused."""
+    map, fitted on n_fit single-object training images, scored on n_test others) for colour and for shape, on the
+    stem's output and on DaViT's last map. A probe at chance (1/6) means the information is gone, not merely unused.
+    Then the same probes on n_test val images of a colour-shape pair held out of training (data.HELDOUT): fitted on
+    seen pairs only, they read an unseen pair's colour and shape as well only if the map codes the two apart."""
     import florence2
     model, _, _, size = florence2.load_for_inference(path)
     world = data.ShapesWorld("train", size=size, n=n_fit + n_test, seed=5, max_objects=1, ocr_prob=0.0)
-    samples = [world[i] for i in range(len(world))]
+    val = data.ShapesWorld("val", size=size, n=20 * n_test, seed=5, max_objects=1, ocr_prob=0.0)
+    unseen = [s for s in map(val.__getitem__, range(len(val)))
+              if (s["objects"][0]["color"], s["objects"][0]["category"]) in data.HELDOUT][:n_test]
+    samples = [world[i] for i in range(len(world))] + unseen
     pixels = torch.stack([florence2.preprocess(s["image"], size) for s in samples])  # (N, 3, size, size)
     labels = {"colour": torch.tensor([data.COLORS.index(s["objects"][0]["color"]) for s in samples]),
               "shape": torch.tensor([data.SHAPES.index(s["objects"][0]["category"]) for s in samples])}
@@ -153,6 +159,7 @@ def read_florence2(path, n_fit=600, n_test=300):
         maps["last map"] = tower(pixels)  # (N, C, h, w)
     hook.remove()
     torch.manual_seed(0)
+    seen, held = slice(n_fit, n_fit + n_test), slice(n_fit + n_test, None)
     for where, fmap in maps.items():
         x = fmap.flatten(2)  # (N, C, h*w)
         x = torch.cat([x.amax(2), x.mean(2), x.amin(2)], 1)  # (N, 3C)
@@ -165,7 +172,8 @@ def read_florence2(path, n_fit=600, n_test=300):
                 opt.zero_grad()
                 F.cross_entropy(probe(x[:n_fit]), y[:n_fit]).backward()
                 opt.step()
-            scores.append(f"{name} {(probe(x[n_fit:]).argmax(1) == y[n_fit:]).float().mean():.2f}")
+            right = probe(x).argmax(1) == y
+            scores.append(f"{name} {right[seen].float().mean():.2f} (held-out pairs {right[held].float().mean():.2f})")
         print(f"{where} {tuple(fmap.shape[1:])}: linear probe " + ", ".join(scores) + " (chance 0.17)")
 
 
