@@ -1565,10 +1565,10 @@ def cell_targets(rows, samples):
     n, k = max(1, max(map(len, rows))), max((len(ids) for row in rows for ids, _ in row), default=1)
     ids, xy = torch.full((len(rows), n, k), -1), torch.zeros(len(rows), n, 2)
     for b, (row, sample) in enumerate(zip(rows, samples)):
+        width, height = sample["image"].size
         for j, (classes, coords) in enumerate(row):
             xs, ys = coords[0::2], coords[1::2]  # a box's two corners or a quad's four: the mean is the centre
             ids[b, j] = torch.tensor(classes)
-            width, height = sample["image"].size
             xy[b, j] = torch.tensor([sum(xs) / len(xs) / width, sum(ys) / len(ys) / height])
     return ids, xy
 

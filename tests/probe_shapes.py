@@ -23,6 +23,7 @@ CoSwin, to tell whether the rest of the recipe (text tower, loss, schedule, eval
 """
 import argparse
 import ast
+import itertools
 import math
 import os
 import sys
@@ -146,8 +147,10 @@ def read_florence2(path, n_fit=600, n_test=300):
     model, _, _, size = florence2.load_for_inference(path)
     world = data.ShapesWorld("train", size=size, n=n_fit + n_test, seed=5, max_objects=1, ocr_prob=0.0)
     val = data.ShapesWorld("val", size=size, n=20 * n_test, seed=5, max_objects=1, ocr_prob=0.0)
-    unseen = [s for s in map(val.__getitem__, range(len(val)))
-              if (s["objects"][0]["color"], s["objects"][0]["category"]) in data.HELDOUT][:n_test]
+    # the first n_test of them: render val images only until that many are found (about 1 in 6 is held out)
+    held_out = (s for s in map(val.__getitem__, range(len(val)))
+                if (s["objects"][0]["color"], s["objects"][0]["category"]) in data.HELDOUT)
+    unseen = list(itertools.islice(held_out, n_test))
     samples = [world[i] for i in range(len(world))] + unseen
     pixels = torch.stack([florence2.preprocess(s["image"], size) for s in samples])  # (N, 3, size, size)
     labels = {"colour": torch.tensor([data.COLORS.index(s["objects"][0]["color"]) for s in samples]),
