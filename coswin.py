@@ -44,8 +44,8 @@ class CoSwinConfig:
 CONFIGS: dict[str, CoSwinConfig] = {
     # CPU-sized for the UniCL toy stage at 48 px. A toy-only deviation: a 5-conv BatchNorm stem (section 1b) makes the
     # stage-1 tokens (stride 8, maps 6, 3, 2 with a 4x4 window), 0.96M parameters. "toy_cvt" is the same size with
-    # CoSwin's own 7x7/4 conv embedding (maps 12, 6, 3, 2), 0.93M: at 48 px and 5 minutes of CPU it learns the colour of
-    # a Shapes-world object but hardly its shape (README, "Why the toy has a conv stem"), the stem version learns both.
+    # CoSwin's own 7x7/4 conv embedding, 0.93M: in minutes of CPU it learns the colour of a Shapes-world object but
+    # hardly its shape, which the stem version learns (docs/unicl-toy.md); tests use it as the stem-less toy.
     "toy": CoSwinConfig(stem=(16, 32, 48), embed_dim=48, depths=(1, 2, 1), num_heads=(2, 4, 8), window_size=4,
                         drop_path_rate=0.0),
     "toy_cvt": CoSwinConfig(embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4,
@@ -58,8 +58,7 @@ CONFIGS: dict[str, CoSwinConfig] = {
     "L": CoSwinConfig(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), drop_path_rate=0.2),
     # Florence reports only "CoSwin-H, 637M parameters". We keep the depths (2, 2, 18, 2) that Swin-S/B/L and
     # SwinV2-H share and pick the width: embed_dim 340 (10 heads of 34 channels in stage 1, doubling per stage) gives
-    # 635.3M parameters with conv embeddings and no head, 0.27% below 637M (SwinV2-H's 352 would give 680.9M, +6.9%;
-    # 336 with 12 heads 620.5M, -2.6%). tests/test_coswin.py checks the count on the meta device.
+    # 635.3M parameters with conv embeddings and no head, 0.27% below 637M. tests/test_coswin.py checks the count.
     "H": CoSwinConfig(embed_dim=340, depths=(2, 2, 18, 2), num_heads=(10, 20, 40, 80), drop_path_rate=0.5),
 }
 
@@ -116,9 +115,9 @@ class PatchMerging(nn.Module):
 
 # 1b. A convolutional stem, for the CPU toy only (not in Florence). At toy size and a few minutes of training, a window
 # transformer fed by one 7x7/4 conv learns the colour of small objects but hardly their shape: timm's own Swin of that
-# size does the same, while a small BatchNorm CNN learns shape ~10x faster (README). Putting a few BatchNorm convs in
-# front, as hybrid ViTs do (Dosovitskiy et al. 2021 section 3.1; Xiao et al. 2021, "Early convolutions help
-# transformers see better"), gives the transformer stages tokens that already carry local shape. Each width is a block
+# size does the same, while a small BatchNorm CNN learns shape from far fewer samples (docs/unicl-toy.md). A few
+# BatchNorm convs in front, as hybrid ViTs do (Dosovitskiy et al. 2021 section 3.1; Xiao et al. 2021, "Early
+# convolutions help transformers see better"), give the transformer stages tokens that already carry local shape. Each width is a block
 # of 3x3 conv-BN-ReLU (one conv on the full-resolution map, where convs cost most, two on later ones) and a 2x2 max
 # pool, so the stem has stride 2^len(widths); a LayerNorm then makes its output tokens like ConvEmbed's.
 

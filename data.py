@@ -852,6 +852,8 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, default=8, help="samples in the grid (a video clip fills a row)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bench", action="store_true", help="time rendering instead of drawing a grid")
+    parser.add_argument("--images", default="", help="also write each sample's plain image to this folder as "
+                                                     "SPLIT_INDEX.png (inputs for python florence2.py --image)")
     args = parser.parse_args()
 
     if args.bench:
@@ -870,6 +872,9 @@ if __name__ == "__main__":
     grid = Image.new("RGB", (cols * args.size, (rows + 1) * args.size), "white")
     for i in range(args.n):
         sample = ds[i]
+        if args.images:
+            os.makedirs(args.images, exist_ok=True)
+            sample["image"].save(os.path.join(args.images, f"{args.split}_{i}.png"))
         tile = sample["image"].copy()
         draw = ImageDraw.Draw(tile)
         for obj in sample["objects"]:

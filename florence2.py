@@ -14,7 +14,8 @@ serve every task. The file follows the paper's Figure 2 from left to right:
   7. tokenizers        BART's byte-level BPE on tiktoken; data.py's byte-level one for the toy
   8. tasks             the coordinate vocabulary, the task prompts, and parsing answers back into boxes
   9. task data         every task's target text from a Shapes-world sample; a JSON-lines reader for real data
- 10. training          the stage that `python train.py --stage florence2` drives, and the metrics
+ 10. training          the stage that `python train.py --stage florence2` drives, the CPU toy's training aids
+                       (kept apart from the model: ToyFlorence2), and the metrics
  11. command line      python florence2.py --ckpt PATH --image IMG --task '<OD>' [--text ...] [--out out.png]
 """
 import argparse
@@ -58,8 +59,8 @@ class DaViTConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     drop_path_rate: float = 0.1  # stochastic depth, rising linearly over all blocks
-    # toy only: () = the paper's stage-1 conv embedding; (w1, .., wk) = a BatchNorm conv stem (coswin.ConvStem) of
-    # stride 2^k in its place, with wk = embed_dims[0] (its patch_* entries for stage 1 are then unused)
+    # () = the paper's stage-1 conv embedding; the CPU toy's (w1, .., wk) = a BatchNorm conv stem of stride 2^k in
+    # its place (Stem), with wk = embed_dims[0] (stage 1's patch_* entries are then unused)
     stem: tuple = ()
 
 
@@ -90,28 +91,16 @@ class Florence2Config:
     decoder_start_token_id: int = 2  # BART starts decoding from </s>
     forced_bos_token_id: int = 0  # generation writes <s> first ...
     forced_eos_token_id: int = 2  # ... and </s> when it reaches the length limit
-    # toy training aids, not in the paper: > 0 adds a linear head on the vision tower's map that says which of that
-    # many words are written in the image (StageConfig.ocr_aux), and one that names an object's colour and, apart,
-    # its shape (StageConfig.attr_aux: len(COLORS) + len(SHAPES) classes); generation never uses them
-    word_classes: int = 0
-    attr_classes: int = 0
 
 
 # Model sizes. The training stage (section 10) names one of these; its own CONFIGS add data and tokenizer.
 MODELS = {
-    # CPU-sized: 96 px; a BatchNorm conv stem (coswin.ConvStem: 3x3 convs 16-32-64-128, stride 16) makes the 6 x 6
-    # map, then one DaViT stage of one block (window + channel attention, 128 channels) -> 37 image tokens. The conv
-    # stem does the seeing: attention blocks trained from scratch learn from few samples slower than BatchNorm convs
-    # (README "Florence-2": at 3600 steps, caption exact match 0.80 vs 0.53 and OD mAP 0.78 vs 0.46 against the
-    # three-stage toy_3stage). No dropout (the Shapes world never repeats an image); vocab_size is set from the
-    # tokenizer.
-    # BART's init std of 0.02 is for width 768+: at width 128 the model took ~3x more samples to start reading
-    # the image (caption-only probe, 64 px: loss 0.72 = the text's marginal entropy after 9,600 samples with
-    # 0.02, 0.52 with 0.05). From 0.1, whether the mixture learnt binding and reading hung on the draw (seeds 2
-    # and 4 missed targets; the failure followed the text side's initial weights); the same draws halved met all
-    # five targets on both (README "The remedy"), so the toy's text side starts from 0.05 (DaViT keeps its own
-    # 0.02: Florence2.__init__). What 0.05 still missed was captions of held-out colour-shape pairs, which label
-    # smoothing and the attribute head address (StageConfig.label_smoothing, attr_aux; README "The toy run").
+    # CPU-sized, not the paper's: 96 px; a BatchNorm conv stem (3x3 convs 16-32-64-128, stride 16) makes the 6 x 6
+    # map, then one DaViT stage of one block (window + channel attention, 128 channels) -> 37 image tokens. The stem
+    # does the seeing, as attention blocks trained from scratch need far more samples to learn shape than a CPU
+    # gives in minutes (docs/florence2-toy.md). No dropout: the Shapes world never repeats an image. The text side
+    # starts from std 0.05, as BART's 0.02 is tuned for widths of 768 and more and a width-128 decoder starting
+    # from it is slow to read the image. vocab_size is set from the tokenizer.
     "toy": Florence2Config(
         vision=DaViTConfig(stem=(16, 32, 64, 128), depths=(1,), embed_dims=(128,), num_heads=(4,), num_groups=(4,),
                            patch_size=(7,), patch_stride=(16,), patch_padding=(3,), patch_prenorm=(False,),
@@ -129,17 +118,6 @@ MODELS = {
         d_model=1024, encoder_layers=12, decoder_layers=12, encoder_heads=16, decoder_heads=16,
         encoder_ffn_dim=4096, decoder_ffn_dim=4096),
 }
-
-# the toys before it, same text side: a stride-8 stem (16-32-48) then three DaViT stages of one block (48/96/128
-# channels, 12x12, 6x6, 6x6 maps); and before that no stem, DaViT's own 7x7 stride-4 conv embedding and four stages
-# 32/64/96/128, which reads colour but hardly shape or position within 30 CPU minutes (README, Florence-2 section)
-MODELS["toy_3stage"] = replace(MODELS["toy"], vision=DaViTConfig(
-    stem=(16, 32, 48), depths=(1, 1, 1), embed_dims=(48, 96, 128), num_heads=(2, 3, 4), num_groups=(2, 3, 4),
-    patch_size=(7, 3, 3), patch_stride=(8, 2, 1), patch_padding=(3, 1, 1), patch_prenorm=(False, True, True),
-    window_size=6, drop_path_rate=0.0))
-MODELS["toy_plain"] = replace(MODELS["toy"], vision=DaViTConfig(
-    depths=(1, 1, 1, 1), embed_dims=(32, 64, 96, 128), num_heads=(1, 2, 3, 4), num_groups=(1, 2, 3, 4),
-    patch_stride=(4, 2, 2, 1), window_size=6, drop_path_rate=0.0))
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -192,10 +170,10 @@ class ConvEmbed(nn.Module):
 
 
 class Stem(coswin.ConvStem):
-    """The toy's stage-1 embedding: CoSwin's BatchNorm conv stem (3x3 convs, a 2x2 max pool after each width,
-    then LayerNorm) in place of the 7x7 stride-4 conv. A transformer needs many samples to learn shape from
-    patches; early convolutions make it sample-efficient (Xiao et al., 2021), which is what the 30-minute CPU
-    toy needs: on Shapes-world grounding (600 steps x 32) accuracy 0.13 with the stem, 0.02 without (README)."""
+    """The CPU toy's stage-1 embedding (DaViTConfig.stem), not the paper's: CoSwin's BatchNorm conv stem (3x3
+    convs, a 2x2 max pool after each width, then LayerNorm) in place of the 7x7 stride-4 conv. A transformer
+    needs many samples to learn shape from patches; early convolutions make it sample-efficient (Xiao et al.,
+    2021), which is what a CPU toy trained for minutes needs."""
 
     def forward(self, x):  # (B, C_in, H, W) -> (B, C, H / 2^k, W / 2^k)
         return super().forward(x).permute(0, 3, 1, 2)
@@ -497,7 +475,9 @@ class Decoder(nn.Module):
 
 
 class Florence2(nn.Module):
-    def __init__(self, cfg: Florence2Config):
+    def __init__(self, cfg: Florence2Config, init_text=True):
+        """init_text=False leaves the text side at PyTorch's default init, for a caller that draws other weights
+        first and then calls init_text_weights() (the toy's training aids, section 10)."""
         super().__init__()
         if cfg.activation not in ACTIVATIONS:
             raise ValueError(f"activation {cfg.activation!r} not in {sorted(ACTIVATIONS)}")
@@ -509,14 +489,14 @@ class Florence2(nn.Module):
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.word_head = nn.Linear(cfg.vision.embed_dims[-1], cfg.word_classes) if cfg.word_classes else None
-        # BART's init on the text side; the vision tower keeps DaViT's (std 0.02 whatever init_std says: with an
-        # init_std of 0.1 in its attention and MLP layers too, the mixture's coordinate tasks wiped colour out
-        # of the image features within 300 steps, README "Florence-2")
+        if init_text:
+            self.init_text_weights()
+
+    def init_text_weights(self):
+        """BART's init on the text side. The vision tower keeps DaViT's (std 0.02 whatever init_std says), as a
+        larger std in its attention and MLP layers lets the coordinate tasks wipe colour out of its features."""
         for module in (self.projector, self.embed_tokens, self.encoder, self.decoder):
             module.apply(self._init_weights)
-        # built last, so that with or without it every other weight starts from the same draw of the same seed
-        self.attr_head = nn.Linear(cfg.vision.embed_dims[-1], cfg.attr_classes) if cfg.attr_classes else None
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -549,30 +529,19 @@ class Florence2(nn.Module):
         return F.linear(x, self.embed_tokens.weight)  # tied output layer
 
     def forward(self, pixel_values, input_ids, decoder_input_ids, attention_mask=None, answer_lengths=None,
-                groups=4, cells=False):
+                groups=4, image_map=None):
         """Teacher-forced logits (B, T_dec, vocab). decoder_input_ids = </s> <s> answer... (the answer shifted
         right behind decoder_start_token_id).
         answer_lengths (B,): training's shortcut. Only the first answer_lengths[b] positions of row b are wanted,
         so the rows are sorted by length and decoded in `groups` groups, each cut to its longest row: a batch
-        mixing 3-token categories with 80-token polygons is mostly padding otherwise (~70% in the Shapes-world
-        mixture). The decoder is causal, so a row's logits do not depend on what follows them, and the result,
-        logits (N, vocab) of those positions in row order (logits[position < length] of the full call), is the
-        same. The image tower and encoder run once on the whole batch.
-        cells: also return the toy's per-cell heads (training aids, StageConfig.ocr_aux and attr_aux): a dict
-        {"words": (B, h, w, word_classes), "attrs": (B, h, w, attr_classes)} of the heads the model has."""
-        image_map = self.image_map(pixel_values)  # (B, C, h, w)
+        mixing 3-token categories with 80-token polygons is mostly padding otherwise. The decoder is causal, so a
+        row's logits do not depend on what follows them, and the result, logits (N, vocab) of those positions in
+        row order (logits[position < length] of the full call), is the same. The image tower and encoder run once
+        on the whole batch. image_map: the vision tower's map of pixel_values if already computed."""
         memory, mask = self.encode(pixel_values, input_ids, attention_mask, image_map)
-        logits = (self.decode(decoder_input_ids, memory, mask) if answer_lengths is None else
-                  self.decode_grouped(decoder_input_ids, memory, mask, answer_lengths, groups))
-        if not cells:
-            return logits
-        heads = {"words": self.word_head, "attrs": self.attr_head}
-        if all(head is None for head in heads.values()):
-            raise ValueError("cells=True needs a model built with word_classes or attr_classes > 0 "
-                             "(StageConfig.ocr_aux or attr_aux > 0)")
-        # each cell of the map names what lies there (compute_loss asks only the cells under a word or an object)
-        grid = image_map.permute(0, 2, 3, 1)  # (B, h, w, C)
-        return logits, {name: head(grid) for name, head in heads.items() if head is not None}
+        if answer_lengths is None:
+            return self.decode(decoder_input_ids, memory, mask)
+        return self.decode_grouped(decoder_input_ids, memory, mask, answer_lengths, groups)
 
     def decode_grouped(self, decoder_input_ids, memory, mask, answer_lengths, groups):
         """forward's training shortcut: logits (N, vocab) of the first answer_lengths[b] positions of each row b,
@@ -1333,7 +1302,7 @@ class TaskFile(data.ImageTextFile):
 
 # ----------------------------------------------------------------------------------------------------
 # 10. Training: the stage protocol that train.py drives (CONFIGS, TRAIN, build_*, collate, compute_loss,
-# evaluate) and the metrics of each task family
+# evaluate), the CPU toy's training aids, and the metrics of each task family
 
 
 @dataclass
@@ -1346,62 +1315,34 @@ class StageConfig:
     dropout: float = 0.0  # BART dropout and attention dropout
     drop_path_rate: float = 0.0  # DaViT stochastic depth
     max_target_tokens: int = 128  # answers are cut to this many tokens (</s> kept); also the generation limit
-    loc_sigma: float = 0.0  # > 0: a coordinate's target is a Gaussian over the bins (std in bins), not one bin
-    # > 0: label smoothing of the answers' other tokens (the coordinates keep loc_sigma's targets when it is > 0).
-    # Not the paper's; the toy's 0.1: trained to put no probability on "circle" after "orange", the decoder never
-    # names a colour-shape pair held out of training; with 0.1 (4400 steps) seeds 1 / 2 / 3 named 0.825 / 0.608 /
-    # 0.661 of the val images with such a pair, against 0.032 / 0.392 / 0.210 without (README "Label smoothing")
+    # the CPU toy's training aids, not the paper's (0 = off; "The CPU toy's training aids" below says what each is
+    # for): Gaussian coordinate targets (std in bins), label smoothing of the answers' tokens, the word head's and
+    # the attribute head's loss weights (Shapes world only)
+    loc_sigma: float = 0.0
     label_smoothing: float = 0.0
-    # > 0 (Shapes world only): a training aid, not the paper's: each cell of the image tower's map under a word
-    # also learns to name it (Florence2.word_head), this weight times its cross entropy over data.WORDS. The toy's
-    # tower does not learn to read from the decoder's OCR answers alone in 30 CPU minutes (README "A word head").
-    # Ignored with --data=FILE or --pretrained (aid_on)
     ocr_aux: float = 0.0
-    # > 0 (Shapes world only): likewise, the cell under each object's centre learns to name its colour and, apart,
-    # its shape (Florence2.attr_head; this weight times the sum of the two cross entropies). Trained only through
-    # the answers, the toy's tower codes colour and shape jointly: a linear probe of the map that reads an
-    # object's colour at 1.00 on seen colour-shape pairs reads 0.51 on pairs held out of training, and the
-    # decoder then names a held-out object with a seen pair ("purple star" for a blue star). With the head the
-    # probe reads 0.88-0.92 there (README "Held-out pairs"). Ignored with --data=FILE or --pretrained
     attr_aux: float = 0.0
     # data: "shapes" (the built-in world, a fresh image per sample) or a TaskFile .jsonl of real annotations
     data: str = "shapes"
     val_data: str = ""  # a .jsonl file; for "shapes" the val split is used
     image_root: str = ""  # folder that image paths in .jsonl files are relative to ("" = the file's folder)
     tasks: str = ",".join(TASKS)  # the Shapes-world mixture; a task listed twice is drawn twice as often
-    # the mixture of the last `late_frac` of the steps: those of `late_tasks` that are in `tasks` (none: `tasks`
-    # throughout), so a narrower --tasks is never given tasks it left out; --late_frac=0 keeps one mixture
-    late_tasks: str = ""
-    late_frac: float = 0.0
-    # likewise the mixture of the first `early_frac` of the steps (the toy: <OCR> twice as often, CONFIGS below)
+    # another mixture for the first `early_frac` and the last `late_frac` of the steps (a toy aid): those of
+    # early_tasks / late_tasks that are in `tasks`, so a narrower --tasks is never given tasks it left out
     early_tasks: str = ""
     early_frac: float = 0.0
+    late_tasks: str = ""
+    late_frac: float = 0.0
     train_size: int = 100000  # Shapes world: distinct training images
-    # Shapes world: val images, each evaluated on the five metric tasks; 0 = no eval. The toy's 1000: at 200 a
-    # caption exact match of 0.80 has a standard error of 0.028, and the README's run read 0.820 on its first 200
-    # val images but 0.778 on 1000
-    val_size: int = 200
+    val_size: int = 200  # Shapes world: val images, each asked the five metric tasks; 0 = no eval
     max_objects: int = 3  # Shapes world: 1..max_objects shapes per image
     ocr_prob: float = 0.5  # Shapes world: chance that an image has words
     eval_batch_size: int = 50
 
 
 CONFIGS = {
-    # CPU toy: the Shapes-world mixture of all 15 tasks on MODELS["toy"] (96 px, 1.95M parameters). Coordinates are
-    # learnt against a Gaussian over the bins (std 20 bins = 1.9 px at 96 px), not one bin: with 1,000 bins each
-    # pixel spans ~10 of them, and one-hot targets treat a 1-bin miss like a 500-bin miss (section 10, compute_loss)
-    # For the last 40% of the steps the mixture narrows to captions, detection and the three tasks that name an
-    # object by its words (grounding, referring segmentation, open-vocabulary detection): with the full mixture
-    # throughout, the text side never learns to find an object by its colour or shape (with 2-3 objects the box
-    # lands on the named one at chance rate); a phase of mostly those tasks after it teaches it (grounding 0.545
-    # -> 0.880 / 0.795 on two seeds in 4400 steps: README "How grounding was reached"; in 3600 steps the last 30%
-    # left seed 1 at grounding 0.660, segmentation 0.490). The words: the decoder's OCR answers alone never taught
-    # the tower to read here (OCR ~0.05), so a word head asks the map's cells under each word to name it (ocr_aux,
-    # weight 0.05: at 0.3-1 the stem traded shape for glyphs), and <OCR> stays in the late mixture, as without it
-    # the decoder forgot how to read (0.865 -> 0.549; README "A word head"). Even so, on some draws the decoder
-    # never learns to look at the words and answers every <OCR> with one word; <OCR> twice as often in the first
-    # 25% of the steps cured that on every seed tried. An attribute head (attr_aux) makes the map code colour and
-    # shape apart, so that held-out colour-shape pairs are named (README "The toy run", "Held-out pairs")
+    # CPU toy: the Shapes-world mixture of all 15 tasks on MODELS["toy"] (96 px, 1.95M parameters) with every
+    # training aid on; 1000 val images, as at 200 a caption exact match of 0.80 has a standard error of 0.028
     "toy": StageConfig(loc_sigma=20.0, label_smoothing=0.1, ocr_aux=0.05, attr_aux=0.1, val_size=1000,
                        early_frac=0.25, early_tasks=",".join([*TASKS, "<OCR>"]),
                        late_frac=0.4, late_tasks=",".join(
@@ -1415,11 +1356,9 @@ CONFIGS = {
                          max_target_tokens=1024, train_size=0, val_size=0),
 }
 
-# Optimisation settings per named config (train.py TrainConfig fields). toy: 400 warmup steps, as with 100 the
-# early full-lr steps let the coordinate tasks wipe colour out of the image features (README "Florence-2");
-# 3600 steps, as 4400 took 30-32 minutes on a slow day of the 2-core machine (~75 samples/s); 3600 took 13 min 48 s
-# on a fast day (~142 samples/s) and ~25 minutes on a slow one
-# base/large: a starting point for fine-tuning-scale runs, ours, not the paper's.
+# Optimisation settings per named config (train.py TrainConfig fields). toy: 3600 steps fit the 30-minute budget
+# of the 2-core CPU on a slow day; 400 warmup steps, as early full-lr steps let the coordinate tasks wipe colour
+# out of the image features. base/large: a starting point for fine-tuning-scale runs, ours, not the paper's.
 TRAIN = {
     "toy": dict(batch_size=32, max_iters=3600, lr=1e-3, warmup_iters=400, weight_decay=0.05, log_interval=50,
                 ckpt_interval=500),
@@ -1440,14 +1379,8 @@ def build_tokenizer(cfg: StageConfig):
     return tokenizer.add_tokens([*LOC_TOKENS, *MARKUP_TOKENS, *(TASKS if cfg.prompt == "token" else ())])
 
 
-def aid_on(cfg: StageConfig, weight: float):
-    """The toy's training aids (ocr_aux, attr_aux) name the Shapes world's 16 words, 6 colours and 6 shapes,
-    learnt from scratch: real annotations have no such fixed lists, and released weights already read and see,
-    so both are ignored with --data=FILE or --pretrained."""
-    return weight > 0 and cfg.data == "shapes" and not cfg.pretrained
-
-
 def build_model(cfg: StageConfig, tokenizer) -> Florence2:
+    """The paper's Florence2, or ToyFlorence2 (below) when a cell-head aid is on."""
     if cfg.pretrained:
         model = Florence2.from_pretrained(cfg.pretrained).train()
         if model.cfg.vocab_size < tokenizer.vocab_size:
@@ -1458,12 +1391,13 @@ def build_model(cfg: StageConfig, tokenizer) -> Florence2:
         raise ValueError(f"unknown model {cfg.model!r}; valid models: {', '.join(MODELS)}")
     m = MODELS[cfg.model]
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    return Florence2(replace(m, vision=replace(m.vision, drop_path_rate=cfg.drop_path_rate),
-                             vocab_size=tokenizer.vocab_size, dropout=cfg.dropout, attention_dropout=cfg.dropout,
-                             bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, decoder_start_token_id=eos,
-                             forced_bos_token_id=bos, forced_eos_token_id=eos,
-                             word_classes=len(data.WORDS) if aid_on(cfg, cfg.ocr_aux) else 0,
-                             attr_classes=len(data.COLORS) + len(data.SHAPES) if aid_on(cfg, cfg.attr_aux) else 0))
+    model_cfg = replace(m, vision=replace(m.vision, drop_path_rate=cfg.drop_path_rate),
+                        vocab_size=tokenizer.vocab_size, dropout=cfg.dropout, attention_dropout=cfg.dropout,
+                        bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, decoder_start_token_id=eos,
+                        forced_bos_token_id=bos, forced_eos_token_id=eos)
+    words = len(data.WORDS) if aid_on(cfg, cfg.ocr_aux) else 0
+    attrs = len(data.COLORS) + len(data.SHAPES) if aid_on(cfg, cfg.attr_aux) else 0
+    return ToyFlorence2(model_cfg, words, attrs) if words or attrs else Florence2(model_cfg)
 
 
 def image_size(cfg: StageConfig):
@@ -1518,14 +1452,9 @@ def prompt_text(task, text_input, style):
 def collate(samples, tokenizer, cfg: StageConfig, rngs=None, progress=None):
     """Raw samples -> batch tensors. rngs: one random.Random per sample in training, which draws its task (and
     object); None (evaluation) draws with a fixed seed per position. progress: the share of the training steps
-    done; for the first `early_frac` the tasks are drawn from those of `early_tasks` in `tasks`, for the last
-    `late_frac` from those of `late_tasks`. Florence-2's decoder reads the answer shifted right behind </s> (BART's
-    decoder start) and learns to write <s> answer </s>."""
-    tasks = cfg.tasks.split(",")
-    if progress is not None and progress < cfg.early_frac:
-        tasks = [t for t in cfg.early_tasks.split(",") if t in tasks] or tasks
-    elif progress is not None and progress >= 1 - cfg.late_frac:
-        tasks = [t for t in cfg.late_tasks.split(",") if t in tasks] or tasks
+    done (it picks the toy's early or late mixture). Florence-2's decoder reads the answer shifted right behind
+    </s> (BART's decoder start) and learns to write <s> answer </s>."""
+    tasks = mixture_at(cfg, progress)
     rngs = rngs or [random.Random(i) for i in range(len(samples))]
     examples = [make_example(s, tasks, r) for s, r in zip(samples, rngs)]
     size = image_size(cfg)
@@ -1539,7 +1468,101 @@ def collate(samples, tokenizer, cfg: StageConfig, rngs=None, progress=None):
     decoder_input_ids = decoder_input_ids.masked_fill(labels == -100, tokenizer.pad_token_id)
     batch = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask,
              "decoder_input_ids": decoder_input_ids, "labels": labels}
-    if cfg.loc_sigma > 0:  # the bin of each <loc_*> target (-1 elsewhere), for compute_loss's soft targets
+    return {**batch, **aid_targets(samples, labels, tokenizer, cfg)}
+
+
+def compute_loss(model, batch):
+    """Cross entropy on the answer tokens (the paper's only loss), averaged per answer and then over answers:
+    every (image, task) example weighs the same whatever its length, so a 40-token polygon does not drown a
+    2-token category, and the mean over a batch is the mean of its micro-batches (accumulation, DDP). The toy's
+    aids (below) soften the targets and add their heads' losses when the batch carries their fields."""
+    labels = batch["labels"]
+    valid = labels != -100  # (B, T): the answer tokens; a row's are its first ones (collate pads at the end)
+    # logits (N, vocab) of the N answer tokens in row order: the model decodes rows grouped by answer length
+    args = batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"]
+    if "words" in batch or "attrs" in batch:  # ToyFlorence2's cell heads
+        logits, cells = model(*args, answer_lengths=valid.sum(1), cells=True)
+    else:
+        logits, cells = model(*args, answer_lengths=valid.sum(1)), {}
+    smoothing = float(batch["label_smoothing"]) if "label_smoothing" in batch else 0.0
+    nll = F.cross_entropy(logits.float(), labels[valid], reduction="none", label_smoothing=smoothing)  # (N,)
+    if "loc_bins" in batch:
+        nll = nll.masked_scatter(*coordinate_kl(logits, batch["loc_bins"][valid], batch))
+    per_answer = torch.zeros(labels.shape[0], device=nll.device).index_add(0, valid.nonzero()[:, 0], nll)  # (B,)
+    loss = (per_answer / valid.sum(1)).mean()
+    return cell_head_losses(loss, cells, batch)
+
+
+# -- The CPU toy's training aids -------------------------------------------------------------------------
+# Not Florence-2's: what a 2-million-parameter model trained from scratch for minutes on a CPU needs to learn
+# the 15-task Shapes-world mixture. Each is a StageConfig field, on in the "toy" config, off in "base" and
+# "large"; the cell heads are off for real data and released weights too (aid_on). What fails without each,
+# and the runs that chose it: docs/florence2-toy.md.
+#   loc_sigma        a coordinate's target is a Gaussian over the bins (std 20 bins = 1.9 px at 96 px), not one
+#                    bin: each pixel spans ~10 bins, and one-hot targets treat a 1-bin miss like a 500-bin miss
+#   label_smoothing  trained to put no probability on "circle" after "orange", the decoder never names a
+#                    colour-shape pair held out of training
+#   ocr_aux          a word head: the cell of the image map under each written word names it; from the decoder's
+#                    OCR answers alone the toy's tower does not learn to read within the budget
+#   attr_aux         an attribute head: the cell under each object's centre names its colour and, apart, its
+#                    shape, so the map codes them apart and a held-out pair's colour reads as a seen one's
+#   early_*, late_*  <OCR> twice as often at first, so the decoder learns to look at the words; a late phase of
+#                    mostly the tasks that name an object by its words, which teaches the text side to find it
+
+
+def aid_on(cfg: StageConfig, weight: float):
+    """The cell heads name the Shapes world's 16 words, 6 colours and 6 shapes, learnt from scratch: real
+    annotations have no such fixed lists, and released weights already read and see, so both are ignored with
+    --data=FILE or --pretrained."""
+    return weight > 0 and cfg.data == "shapes" and not cfg.pretrained
+
+
+def mixture_at(cfg: StageConfig, progress):
+    """The tasks to draw from at `progress` (share of the training steps done; None in evaluation): those of
+    early_tasks for the first early_frac of the steps, of late_tasks for the last late_frac, else `tasks`."""
+    tasks = cfg.tasks.split(",")
+    if progress is not None and progress < cfg.early_frac:
+        tasks = [t for t in cfg.early_tasks.split(",") if t in tasks] or tasks
+    elif progress is not None and progress >= 1 - cfg.late_frac:
+        tasks = [t for t in cfg.late_tasks.split(",") if t in tasks] or tasks
+    return tasks
+
+
+class ToyFlorence2(Florence2):
+    """Florence2 with the cell heads: linear layers on the vision tower's map (B, C, h, w) that name, per cell, one
+    of `word_classes` written words and an object's colour and shape (`attr_classes` = 6 + 6). Generation never
+    uses them. The word head draws its initial weights before the text side's init and the attribute head after
+    it, so that a seed gives the same initial model with or without the attribute head."""
+
+    def __init__(self, cfg: Florence2Config, word_classes=0, attr_classes=0):
+        super().__init__(cfg, init_text=False)
+        width = cfg.vision.embed_dims[-1]
+        self.word_head = nn.Linear(width, word_classes) if word_classes else None
+        self.init_text_weights()
+        self.attr_head = nn.Linear(width, attr_classes) if attr_classes else None
+
+    def forward(self, pixel_values, input_ids, decoder_input_ids, attention_mask=None, answer_lengths=None,
+                groups=4, cells=False):
+        """Florence2.forward; with cells=True also {"words": (B, h, w, word_classes), "attrs": (B, h, w,
+        attr_classes)} of the heads the model has, computed inside forward so that DDP syncs their gradients."""
+        image_map = self.image_map(pixel_values)  # (B, C, h, w)
+        logits = super().forward(pixel_values, input_ids, decoder_input_ids, attention_mask, answer_lengths, groups,
+                                 image_map)
+        if not cells:
+            return logits
+        heads = {"words": self.word_head, "attrs": self.attr_head}
+        if all(head is None for head in heads.values()):
+            raise ValueError("cells=True needs a model built with word_classes or attr_classes > 0 "
+                             "(StageConfig.ocr_aux or attr_aux > 0)")
+        grid = image_map.permute(0, 2, 3, 1)  # (B, h, w, C)
+        return logits, {name: head(grid) for name, head in heads.items() if head is not None}
+
+
+def aid_targets(samples, labels, tokenizer, cfg: StageConfig):
+    """The batch fields the aids that are on need: the bin of each <loc_*> target (loc_sigma), the smoothing,
+    each image's words and objects with their centres (the cell heads)."""
+    batch = {}
+    if cfg.loc_sigma > 0:  # the bin of each <loc_*> target (-1 elsewhere)
         first = loc_first_id(tokenizer)
         bins = labels - first
         batch["loc_bins"] = bins.masked_fill((bins < 0) | (bins >= NUM_BINS), -1)  # (B, T); -100 falls below 0
@@ -1560,8 +1583,8 @@ def collate(samples, tokenizer, cfg: StageConfig, rngs=None, progress=None):
 
 
 def cell_targets(rows, samples):
-    """The toy's per-cell aids: rows[b] = [(class ids, box or quad in pixels), ...] for image b ->
-    (ids (B, n, k), -1 = none; centres (B, n, 2) as fractions of the image's width and height)."""
+    """rows[b] = [(class ids, box or quad in pixels), ...] for image b -> (ids (B, n, k), -1 = none; centres
+    (B, n, 2) as fractions of the image's width and height)."""
     n, k = max(1, max(map(len, rows))), max((len(ids) for row in rows for ids, _ in row), default=1)
     ids, xy = torch.full((len(rows), n, k), -1), torch.zeros(len(rows), n, 2)
     for b, (row, sample) in enumerate(zip(rows, samples)):
@@ -1581,37 +1604,26 @@ def loc_first_id(tokenizer):
     return ids[0][0]
 
 
-def compute_loss(model, batch):
-    """Cross entropy on the answer tokens (the paper's only loss), averaged per answer and then over answers:
-    every (image, task) example weighs the same whatever its length, so a 40-token polygon does not drown a
-    2-token category, and the mean over a batch is the mean of its micro-batches (accumulation, DDP)."""
-    labels = batch["labels"]
-    valid = labels != -100  # (B, T): the answer tokens; a row's are its first ones (collate pads at the end)
-    # logits (N, vocab) of the N answer tokens in row order: the model decodes rows grouped by answer length
-    args = batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"]
-    if "words" in batch or "attrs" in batch:  # the toy's training aids (StageConfig.ocr_aux, attr_aux)
-        logits, cells = model(*args, answer_lengths=valid.sum(1), cells=True)
-    else:
-        logits, cells = model(*args, answer_lengths=valid.sum(1)), {}
-    smoothing = float(batch["label_smoothing"]) if "label_smoothing" in batch else 0.0  # StageConfig field
-    nll = F.cross_entropy(logits.float(), labels[valid], reduction="none", label_smoothing=smoothing)  # (N,)
-    if "loc_bins" in batch:
-        bins = batch["loc_bins"][valid]  # (N,) the bin of each <loc_*> answer token, -1 elsewhere
-        is_loc = bins >= 0
-        first, sigma = int(batch["loc_first"]), batch["loc_sigma"]
-        logp = F.log_softmax(logits[is_loc].float(), -1)[:, first:first + NUM_BINS]  # (n, 1000) over the vocab
-        k = torch.arange(NUM_BINS, device=logits.device)
-        soft = torch.softmax(-0.5 * ((k - bins[is_loc, None]) / sigma) ** 2, -1)  # (n, 1000)
-        kl = (torch.special.xlogy(soft, soft) - soft * logp).sum(-1)  # KL(soft || p): 0 when p matches the target
-        nll = nll.masked_scatter(is_loc, kl)
-    per_answer = torch.zeros(labels.shape[0], device=nll.device).index_add(0, valid.nonzero()[:, 0], nll)  # (B,)
-    loss = (per_answer / valid.sum(1)).mean()
+def coordinate_kl(logits, bins, batch):
+    """loc_sigma: logits (N, vocab) and bins (N,) of the answer tokens (-1 where not a <loc_*>) -> (is_loc (N,),
+    KL(soft || p) of each coordinate token), where soft is a Gaussian of std loc_sigma bins around the target
+    bin; 0 when the model's distribution over the bins matches it. compute_loss puts it in place of the
+    cross entropy of those tokens."""
+    is_loc = bins >= 0
+    first, sigma = int(batch["loc_first"]), batch["loc_sigma"]
+    logp = F.log_softmax(logits[is_loc].float(), -1)[:, first:first + NUM_BINS]  # (n, 1000) over the vocab
+    k = torch.arange(NUM_BINS, device=logits.device)
+    soft = torch.softmax(-0.5 * ((k - bins[is_loc, None]) / sigma) ** 2, -1)  # (n, 1000)
+    return is_loc, (torch.special.xlogy(soft, soft) - soft * logp).sum(-1)
+
+
+def cell_head_losses(loss, cells, batch):
+    """loss plus the cell heads' weighted losses -> (loss, logs). The cell under each word's centre names the word
+    (cross entropy over the 16 words), the cell under each object's centre its colour and its shape (two 6-way
+    cross entropies). Only those cells are asked: a loss over every cell pulls each towards words, and the stem
+    loses shape. Means over the batch's words and objects, so unlike the answers' loss not exactly the mean of
+    its micro-batches'."""
     logs = {}
-    # the aids' losses: the cell under each word's centre names the word (cross entropy over the 16 words), the
-    # cell under each object's centre its colour and its shape (two 6-way cross entropies). Only those cells are
-    # asked: a max over all cells against "which words are written" (a multi-label loss) also taught the tower to
-    # read, but it pulled every cell towards words and the stem lost shape (README). Means over the batch's words
-    # and objects, so unlike the answers' loss not exactly the mean of its micro-batches': an aid's weighting
     if "words" in batch:
         target = batch["words"]  # (B, n)
         picked = at_centres(cells["words"], batch["word_xy"], target >= 0)  # (m, 16)
@@ -1705,7 +1717,7 @@ def word_matches(pred, true):
     return overlap, max(len(p), len(t))
 
 
-# The five metrics of the issue: task -> metric name. Any other task of a .jsonl val set is scored by exact match.
+# The five metrics of the toy (task -> metric name). Any other task of a .jsonl val set is scored by exact match.
 EVAL_TASKS = {"<CAPTION>": "caption_em", "<OD>": "od_map50", "<CAPTION_TO_PHRASE_GROUNDING>": "grounding_acc50",
               "<REFERRING_EXPRESSION_SEGMENTATION>": "res_miou", "<OCR>": "ocr_word_acc"}
 
