@@ -935,7 +935,7 @@ def test_old_toy_checkpoints_still_load(tmp_path):
 @pytest.mark.slow
 def test_default_run_reaches_the_issue_bars(tmp_path):
     """`python train.py --stage florence2` with no other argument (14 min on a fast day of 2 cores, ~25 on a slow
-    one): the five targets of issue 3 on the 1000 val images (docs/florence2-toy.md)."""
+    one): the toy's five bars on the 1000 val images (README "Results"; every seed in docs/florence2-toy.md)."""
     metrics = train.main(["--stage", "florence2", f"--out_dir={tmp_path}"])
     bars = {"caption_em": 0.8, "od_map50": 0.6, "grounding_acc50": 0.7, "res_miou": 0.5, "ocr_word_acc": 0.7}
     assert all(metrics[k] >= bar for k, bar in bars.items()), metrics
@@ -962,7 +962,7 @@ def toy_ckpt(tmp_path_factory):
 
 def test_resume_and_eval_take_the_stage_from_the_checkpoint(toy_ckpt, tmp_path):
     """`--resume` / `--eval_only` without --stage read the checkpoint's stage first, so florence2 keys are
-    accepted (train.py used to check them against the default stage, unicl, and refuse them)."""
+    accepted, not checked against the default stage's (unicl) and refused."""
     shutil.copy(toy_ckpt, tmp_path / "ckpt.pt")
     train.main(["--resume", "--max_iters=2", "--tasks=<CAPTION>,<OD>", f"--out_dir={tmp_path}"])
     ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)

@@ -149,6 +149,6 @@ def test_toy_unicl_learns(tmp_path):
 
 @pytest.mark.slow
 def test_default_run_reaches_the_issue_bar(tmp_path):
-    """`python train.py` with no arguments: zeroshot_top1 >= 0.80 (issue 2; ~4.5 min on 2 cores)."""
+    """`python train.py` with no arguments: zeroshot_top1 >= 0.80 (the README's bar; ~4.5 min on 2 cores)."""
     metrics = train.main([f"--out_dir={tmp_path}"])
     assert metrics["zeroshot_top1"] >= 0.80, metrics

@@ -1,0 +1,417 @@
+"""dyhead.py: the from-scratch operators equal torchvision's (deformable convolution: values and gradients; NMS and
+batched NMS: kept indices and their order) and bad shapes fail with a clear message; coco_eval gives pycocotools' 12
+COCOeval bbox numbers on random ground truths and detections built to hit every rule (crowds, area ranges and their
+edges, empty images, ties, >100 detections); read_coco and the detection checks name file, annotation and field."""
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.ops as tv
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from dyhead import COCO_STATS, batched_nms, box_iou, coco_eval, deform_conv2d, nms, read_coco, write_coco_results
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# -------------------------------------------------------------------------------- deformable convolution vs torchvision
+
+def deform_args(size, kernel, groups, offset_groups, stride, padding, dilation, use_mask, dtype,
+                c_in=4, c_out=6, batch=2, offset_scale=2.5):
+    """Random input, weight, bias, offset (offset_scale pixels) and mask for these settings, all requiring grad."""
+    (kh, kw), (H, W) = kernel, size
+    s, p, d = (v if isinstance(v, tuple) else (v, v) for v in (stride, padding, dilation))
+    H_out = (H + 2 * p[0] - d[0] * (kh - 1) - 1) // s[0] + 1
+    W_out = (W + 2 * p[1] - d[1] * (kw - 1) - 1) // s[1] + 1
+    make = lambda *shape, scale=1.0: (torch.randn(*shape, dtype=dtype) * scale).requires_grad_()
+    args = dict(input=make(batch, c_in, H, W), weight=make(c_out, c_in // groups, kh, kw, scale=0.3),
+                bias=make(c_out), offset=make(batch, 2 * offset_groups * kh * kw, H_out, W_out, scale=offset_scale),
+                stride=stride, padding=padding, dilation=dilation, mask=None)
+    if use_mask:
+        args["mask"] = torch.rand(batch, offset_groups * kh * kw, H_out, W_out, dtype=dtype).requires_grad_()
+    return args
+
+
+def assert_same_as_torchvision(args, tol):
+    """Ours and torchvision's on the same args: equal outputs, and equal gradients of a random loss wrt every tensor."""
+    tensors = {k: v for k, v in args.items() if isinstance(v, torch.Tensor)}
+    results = []
+    for fn in (deform_conv2d, tv.deform_conv2d):
+        out = fn(**args)
+        grad_out = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+        grads = torch.autograd.grad(out, list(tensors.values()), grad_out)
+        results.append((out, dict(zip(tensors, grads))))
+    (out, grads), (out_ref, grads_ref) = results
+    assert out.shape == out_ref.shape
+    assert (out - out_ref).abs().max() < tol
+    for name in tensors:
+        assert (grads[name] - grads_ref[name]).abs().max() < tol, name
+
+
+# (size, kernel, conv groups, offset groups, stride, padding, dilation): together they cover stride 1/2, padding 0/1,
+# dilation 1/2, kernels 3x3 and 1x3, both kinds of groups 1/2, non-square inputs and per-axis (h, w) pairs
+DEFORM_CASES = [
+    ((7, 9), (3, 3), 1, 1, 1, 0, 1),
+    ((8, 11), (3, 3), 2, 1, 2, 1, 1),
+    ((9, 6), (1, 3), 1, 2, 1, 1, 2),
+    ((10, 7), (3, 3), 2, 2, 2, 0, 2),
+    ((11, 8), (1, 3), 2, 2, 2, 1, 1),
+    ((6, 10), (3, 3), 1, 2, 1, 1, 2),
+    ((6, 10), (1, 3), 1, 2, (2, 1), (1, 0), (1, 2)),
+    ((5, 12), (3, 3), 2, 1, (1, 2), (0, 1), (2, 1)),
+]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["float64", "float32"])
+@pytest.mark.parametrize("use_mask", [True, False], ids=["mask", "no_mask"])
+@pytest.mark.parametrize("case", DEFORM_CASES, ids=lambda case: "-".join(map(str, case)).replace(" ", ""))
+def test_deform_conv2d_matches_torchvision(case, use_mask, dtype, tol):
+    """Values and gradients wrt input, offset, mask, weight and bias equal torchvision's deform_conv2d, with offsets of
+    2-3 pixels that put many sample points partly or wholly outside the image."""
+    size, kernel, groups, offset_groups, stride, padding, dilation = case
+    args = deform_args(size, kernel, groups, offset_groups, stride, padding, dilation, use_mask, dtype)
+    assert_same_as_torchvision(args, tol)
+
+
+def test_deform_conv2d_samples_at_the_border_match_torchvision():
+    """Points in (-1, 0) and (H-1, H) read a fraction of the border pixel and points at or beyond -1 and H read zero,
+    per axis and in corners, with equal gradients, exactly on -1 and H too: a 1x1 kernel with padding 4 whose offsets
+    send output (i, j) to the chosen point (ys[i], xs[j])."""
+    H, W, p = 5, 6, 4  # 1x1 kernel, stride 1: a 13 x 14 output whose regular grid point (i, j) is (i - p, j - p)
+    ys = torch.tensor([-2.5, -1.0, -0.999, -0.7, -0.3, 0.0, 0.4, 2.5, H - 1, H - 0.6, H - 0.01, H, H + 0.4])
+    xs = torch.tensor([-3.0, -1.0, -0.9999, -0.5, -0.2, 0.0, 0.5, 3.3, W - 1, W - 0.7, W - 0.2, W, W + 0.1, W + 2])
+    y, x = torch.meshgrid(ys, xs, indexing="ij")  # (13, 14) sample points
+    regular_y, regular_x = torch.meshgrid(torch.arange(13.0) - p, torch.arange(14.0) - p, indexing="ij")
+    offset = torch.stack((y - regular_y, x - regular_x))[None].expand(2, 2, 13, 14).double()  # (B, 2, 13, 14)
+    args = dict(input=torch.randn(2, 3, H, W, dtype=torch.float64, requires_grad=True),
+                weight=torch.randn(4, 3, 1, 1, dtype=torch.float64, requires_grad=True),
+                bias=None, offset=offset.clone().requires_grad_(), stride=1, padding=p, dilation=1,
+                mask=torch.rand(2, 1, 13, 14, dtype=torch.float64, requires_grad=True))
+    assert_same_as_torchvision(args, 1e-10)
+    out = deform_conv2d(**args).detach()  # (2, 4, 13, 14)
+    assert (out[:, :, :2] == 0).all() and (out[:, :, -2:] == 0).all()  # rows -2.5, -1 and H, H + 0.4 read nothing
+    assert (out[:, :, 2:5, 2:-3] != 0).all()  # rows in (-1, 0) read part of row 0
+
+
+def test_many_samples_fall_outside_the_image():
+    """The parity cases do exercise the border: with 2.5-pixel offsets many taps read partly or wholly outside."""
+    (H, W), H_out, W_out = (7, 9), 5, 7  # a 3x3 kernel, stride 1, no padding
+    offset = deform_args((H, W), (3, 3), 1, 1, 1, 0, 1, False, torch.float64)["offset"].detach()  # (2, 18, 5, 7)
+    offset = offset.view(2, 3, 3, 2, H_out, W_out)  # (B, kh, kw, (dy, dx), H_out, W_out)
+    y = torch.arange(3.0)[:, None, None, None] + torch.arange(float(H_out))[:, None] + offset[:, :, :, 0]
+    x = torch.arange(3.0)[None, :, None, None] + torch.arange(float(W_out)) + offset[:, :, :, 1]
+    partly_outside = (y < 0) | (y > H - 1) | (x < 0) | (x > W - 1)
+    wholly_outside = (y <= -1) | (y >= H) | (x <= -1) | (x >= W)
+    assert partly_outside.double().mean() > 0.3 and wholly_outside.double().mean() > 0.1
+
+
+@pytest.mark.parametrize("stride,padding,dilation,groups",
+                         [(1, 0, 1, 1), (2, 1, 1, 2), (1, 2, 2, 1), ((2, 1), (1, 2), (2, 1), 2)])
+def test_zero_offsets_and_unit_mask_give_a_plain_convolution(stride, padding, dilation, groups):
+    """With every offset zero and every mask one, the deformable convolution is F.conv2d with the same arguments."""
+    x = torch.randn(2, 4, 9, 7)
+    weight, bias = torch.randn(6, 4 // groups, 3, 3), torch.randn(6)
+    expected = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    H_out, W_out = expected.shape[2:]
+    offset, mask = torch.zeros(2, 2 * 9, H_out, W_out), torch.ones(2, 9, H_out, W_out)
+    got = deform_conv2d(x, offset, weight, bias, stride, padding, dilation, mask)
+    assert (got - expected).abs().max() < 1e-5
+    assert (deform_conv2d(x, offset, weight, bias, stride, padding, dilation) - expected).abs().max() < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------- NMS vs torchvision
+
+def random_boxes(n, dtype=torch.float32, integer=False, spread=60.0):
+    """n boxes crowded into a spread x spread square so that many overlap; integer=True gives integer corners, which
+    make exact IoU ties with round thresholds (e.g. 3/10 against 0.3)."""
+    xy = torch.rand(n, 2) * spread
+    wh = torch.rand(n, 2) * 30 + 1
+    boxes = torch.cat((xy, xy + wh), dim=1)
+    return (boxes.round() if integer else boxes).to(dtype)
+
+
+THRESHOLDS = [0.0, 0.3, 0.5, 0.7, 0.95]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("integer", [False, True], ids=["real", "integer"])
+def test_nms_matches_torchvision(dtype, integer):
+    """The kept indices, in order, equal torchvision's at several thresholds, for real and integer corners (where
+    IoUs land exactly on round thresholds), for scores with and without many exact ties, and with the IoU matrix
+    computed whole or in uneven chunks of rows."""
+    boxes = random_boxes(400, dtype, integer)
+    for scores in (torch.rand(400, dtype=dtype), torch.randint(0, 6, (400,)).to(dtype) / 5):
+        for threshold in THRESHOLDS:
+            expected = tv.nms(boxes, scores, threshold)
+            assert torch.equal(nms(boxes, scores, threshold), expected), threshold
+            assert torch.equal(nms(boxes, scores, threshold, chunk=37), expected), threshold
+
+
+def test_nms_edge_cases_match_torchvision():
+    """Degenerate (zero-width) and duplicated boxes, all-equal scores, one box, no box."""
+    boxes = random_boxes(200)
+    boxes[::7, 2] = boxes[::7, 0]  # zero width: zero area, so IoU 0 or 0 / 0 = NaN with another degenerate box
+    boxes[1::9] = boxes[0]  # exact duplicates of box 0
+    for scores in (torch.rand(200), torch.full((200,), 0.5), torch.randint(0, 3, (200,)).float()):
+        for threshold in THRESHOLDS:
+            assert torch.equal(nms(boxes, scores, threshold), tv.nms(boxes, scores, threshold))
+    one = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    assert torch.equal(nms(one, torch.tensor([0.3]), 0.5), torch.tensor([0]))
+    empty = nms(torch.zeros(0, 4), torch.zeros(0), 0.5)
+    assert empty.dtype == torch.int64 and empty.shape == (0,)
+
+
+@pytest.mark.parametrize("n", [300, 1500], ids=["shifted_boxes", "per_category"])  # torchvision's two strategies
+def test_batched_nms_matches_torchvision(n):
+    """Per-category NMS keeps torchvision's indices in torchvision's order, with tied scores across and within
+    categories, for a batch small enough for torchvision's shifted-boxes strategy and one large enough for its
+    per-category loop."""
+    boxes = random_boxes(n, integer=True)
+    idxs = torch.randint(0, 5, (n,))
+    for scores in (torch.rand(n), torch.randint(0, 6, (n,)).float() / 5):
+        for threshold in (0.3, 0.5, 0.7):
+            assert torch.equal(batched_nms(boxes, scores, idxs, threshold),
+                               tv.batched_nms(boxes, scores, idxs, threshold)), threshold
+    empty = batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5)
+    assert empty.dtype == torch.int64 and empty.shape == (0,)
+    assert torch.equal(batched_nms(boxes[:1], torch.ones(1), idxs[:1], 0.5), torch.tensor([0]))
+
+
+def test_box_iou_matches_torchvision():
+    """box_iou equals torchvision's bit for bit, including NaN for two zero-area boxes."""
+    a, b = random_boxes(30), random_boxes(20)
+    a[0, 2], b[0, 2] = a[0, 0], b[0, 0]
+    iou = box_iou(a, b)
+    assert iou.shape == (30, 20) and iou[0, 0].isnan()
+    torch.testing.assert_close(iou, tv.box_iou(a, b), rtol=0, atol=0, equal_nan=True)
+
+
+# ------------------------------------------------------------------------------------------------------------ bad input
+
+def test_bad_shapes_raise_value_errors_naming_the_tensor():
+    """Every shape mismatch between input, offset, mask, weight, bias, boxes, scores and idxs is a ValueError whose
+    message names the offending tensor and the expected shape."""
+    x, w = torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3)
+    offset, mask = torch.randn(2, 18, 6, 6), torch.rand(2, 9, 6, 6)
+    with pytest.raises(ValueError, match=r"input must be \(B, C_in, H, W\)"):
+        deform_conv2d(x[0], offset, w)
+    with pytest.raises(ValueError, match="weight must be"):
+        deform_conv2d(x, offset, w[0])
+    with pytest.raises(ValueError, match="weight of shape .* does not fit input"):
+        deform_conv2d(x, offset, torch.randn(6, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"offset must have shape .* = \(2, 2 \* offset_groups \* 9, 6, 6\)"):
+        deform_conv2d(x, offset[:, :17], w)
+    with pytest.raises(ValueError, match="offset must have shape"):
+        deform_conv2d(x, offset[:, :, :5], w)  # wrong spatial size
+    with pytest.raises(ValueError, match="offset must have shape"):
+        deform_conv2d(x, torch.randn(2, 54, 6, 6), w)  # 3 offset groups do not divide 4 channels
+    with pytest.raises(ValueError, match=r"mask must have shape .* = \(2, 9, 6, 6\)"):
+        deform_conv2d(x, offset, w, mask=mask[:, :8])
+    with pytest.raises(ValueError, match=r"bias must have shape \(C_out,\) = \(6,\)"):
+        deform_conv2d(x, offset, w, bias=torch.randn(5))
+    with pytest.raises(ValueError, match="does not fit the input"):
+        deform_conv2d(torch.randn(2, 4, 2, 2), offset, w)
+    with pytest.raises(ValueError, match="stride"):
+        deform_conv2d(x, offset, w, stride=0)
+    boxes, scores = random_boxes(5), torch.rand(5)
+    with pytest.raises(ValueError, match=r"boxes must be \(N, 4\)"):
+        nms(boxes[:, :3], scores, 0.5)
+    with pytest.raises(ValueError, match=r"scores must be \(N,\) = \(5,\)"):
+        nms(boxes, scores[:4], 0.5)
+    with pytest.raises(ValueError, match=r"idxs must be \(N,\) = \(5,\)"):
+        batched_nms(boxes, scores, torch.zeros(4, dtype=torch.int64), 0.5)
+
+
+# -------------------------------------------------------------------------------- COCO evaluation vs pycocotools
+
+
+def reference_stats(gt: dict, dets: list) -> dict:
+    """pycocotools' COCOeval bbox stats, silenced; an empty detection list (loadRes cannot take one) becomes an
+    empty results COCO built by hand."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = json.loads(json.dumps(gt))
+        coco_gt.createIndex()
+        if dets:
+            coco_dt = coco_gt.loadRes(json.loads(json.dumps(dets)))
+        else:
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
+            coco_dt.createIndex()
+        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return dict(zip(COCO_STATS, ev.stats.tolist()))
+
+
+def random_coco(seed: int, n_images: int = 40, first_ann_id: int = 1):
+    """Ground truth + detections exercising every rule coco_eval must follow."""
+    rng = np.random.default_rng(seed)
+    cat_ids = [1, 3, 7, 10, 11]           # non-contiguous; 11 has gts but never a detection
+    images = [{"id": int(i), "width": 640, "height": 480} for i in rng.permutation(np.arange(100, 100 + n_images))]
+    anns, dets = [], []
+
+    def box(side):
+        w, h = side * rng.uniform(0.6, 1.4), side * rng.uniform(0.6, 1.4)
+        return [float(rng.uniform(0, 600 - w)), float(rng.uniform(0, 450 - h)), float(w), float(h)]
+
+    for n, im in enumerate(images):
+        if n % 7 == 3:
+            continue                      # an image with no objects (it may still get false positives)
+        for _ in range(rng.integers(1, 8)):
+            side = rng.choice([12.0, 25.0, 45.0, 70.0, 130.0])   # small, medium and large
+            b = box(side)
+            area = b[2] * b[3] * rng.uniform(0.55, 1.0)           # the gt 'area' (mask area), not w*h, sets the range
+            if rng.random() < 0.08:
+                area = rng.choice([32.0 ** 2, 96.0 ** 2])         # exactly on a range edge (inclusive both sides)
+            anns.append({"image_id": im["id"], "category_id": int(rng.choice(cat_ids)), "bbox": b,
+                         "area": float(area), "iscrowd": int(rng.random() < 0.1)})
+            if rng.random() < 0.05:       # an exact duplicate gt: equal IoUs, pycocotools' tie goes to the later one
+                anns.append(dict(anns[-1]))
+    for i, a in enumerate(anns):
+        a["id"] = first_ann_id + i
+    for n, im in enumerate(images):
+        if n % 5 == 1:
+            continue                      # an image with no detections
+        mine = [a for a in anns if a["image_id"] == im["id"] and a["category_id"] != 11]
+        for a in mine:                    # 0-3 noisy copies of each gt (duplicates become false positives)
+            for _ in range(rng.integers(0, 4)):
+                x, y, w, h = a["bbox"]
+                noise = rng.choice([0.02, 0.08, 0.2])
+                j = rng.normal(0, noise, 4)
+                dets.append({"image_id": im["id"], "category_id": a["category_id"], "score": 1.1 - 3 * noise,
+                             "bbox": [x + j[0] * w, y + j[1] * h, w * np.exp(j[2]), h * np.exp(j[3])]})
+        n_fp = 150 if n == 0 else int(rng.integers(0, 6))       # image 0: more than 100 detections
+        for _ in range(n_fp):
+            dets.append({"image_id": im["id"], "category_id": int(rng.choice(cat_ids[:4])),
+                         "bbox": box(rng.choice([15.0, 50.0, 120.0]))})
+    for d in dets:                        # scores on a coarse grid: many exact ties; better boxes score higher
+        d["score"] = float(np.round(np.clip(d.get("score", 0.3) + rng.normal(0, 0.25), 0.05, 1.0), 1))
+        d["bbox"] = [float(v) for v in d["bbox"]]
+    order = rng.permutation(len(dets))
+    dets = [dets[i] for i in order]
+    gt = {"images": images, "annotations": anns,
+          "categories": [{"id": c, "name": f"c{c}"} for c in rng.permutation(cat_ids).tolist()]}
+    return gt, dets
+
+
+def assert_same(ours: dict, ref: dict):
+    assert list(ours) == list(COCO_STATS)
+    for k in COCO_STATS:
+        assert ours[k] == pytest.approx(ref[k], abs=1e-12), (k, ours, ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parity with pycocotools
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_coco_eval_matches_pycocotools(seed):
+    gt, dets = random_coco(seed)
+    assert max(sum(d["image_id"] == im["id"] for d in dets) for im in gt["images"]) > 100
+    assert any(a["iscrowd"] for a in gt["annotations"])
+    assert_same(coco_eval(gt, dets), reference_stats(gt, dets))
+
+
+def test_coco_eval_matches_pycocotools_gt_id_zero():
+    # pycocotools tests the matched gt's id for non-zero, so a true positive on the gt with id 0 counts as a miss
+    gt, dets = random_coco(5, n_images=15, first_ann_id=0)
+    assert_same(coco_eval(gt, dets), reference_stats(gt, dets))
+
+
+def test_perfect_detector_and_no_detections():
+    gt, _ = random_coco(6, n_images=20)
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+               for a in gt["annotations"] if not a["iscrowd"]]
+    ours = coco_eval(gt, perfect)
+    assert_same(ours, reference_stats(gt, perfect))
+    assert ours["AP"] == ours["AP50"] == ours["AP75"] == ours["AR100"] == 1.0
+    empty = coco_eval(gt, [])
+    assert_same(empty, reference_stats(gt, []))
+    assert all(empty[k] in (0.0, -1.0) for k in COCO_STATS) and empty["AP"] == 0.0
+
+
+def test_crowd_region_absorbs_detections():
+    # one crowd gt covering the image and one real object: every detection inside the crowd is ignored, not a FP
+    gt = {"images": [{"id": 1}], "categories": [{"id": 1}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 400, 400], "area": 160000.0,
+                           "iscrowd": 1},
+                          {"id": 2, "image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 50], "area": 2500.0,
+                           "iscrowd": 0}]}
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [100 + 20 * i, 100, 30, 30], "score": 0.95} for i in range(5)]
+    dets.append({"image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 50], "score": 0.5})
+    ours = coco_eval(gt, dets)
+    assert_same(ours, reference_stats(gt, dets))
+    assert ours["AP"] == pytest.approx(1.0, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# errors name what is wrong
+
+def test_unknown_image_or_category_in_detections():
+    gt, dets = random_coco(7, n_images=5)
+    with pytest.raises(ValueError, match="image_id 987654"):
+        coco_eval(gt, dets + [{"image_id": 987654, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5}])
+    with pytest.raises(ValueError, match="category_id 42"):
+        coco_eval(gt, dets + [{"image_id": gt["images"][0]["id"], "category_id": 42, "bbox": [0, 0, 5, 5],
+                               "score": 0.5}])
+    with pytest.raises(ValueError, match="missing field 'score'"):
+        coco_eval(gt, [{"image_id": gt["images"][0]["id"], "category_id": 1, "bbox": [0, 0, 5, 5]}])
+
+
+def test_read_coco_names_file_annotation_and_field(tmp_path):
+    base = {"images": [{"id": 1}], "categories": [{"id": 1}],
+            "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "area": 100.0,
+                             "iscrowd": 0},
+                            {"id": 7, "image_id": 1, "category_id": 1, "bbox": [0, 0, float("nan"), 10],
+                             "area": 100.0, "iscrowd": 0},
+                            {"id": 8, "image_id": 1, "category_id": 1, "bbox": [0, 0, -3, 10], "area": 30.0,
+                             "iscrowd": 0},
+                            {"id": 9, "image_id": 1, "category_id": 1, "bbox": [0, 0, 0, 10], "area": 0.0,
+                             "iscrowd": 0}]}
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(base))
+    data, skipped = read_coco(str(path))
+    assert skipped == [7, 8, 9] and [a["id"] for a in data["annotations"]] == [5]
+
+    def broken(mutate):
+        d = json.loads(json.dumps(base))
+        mutate(d)
+        path.write_text(json.dumps(d))
+        with pytest.raises(ValueError) as e:
+            read_coco(str(path))
+        assert str(path) in str(e.value)
+        return str(e.value)
+
+    assert "annotation id 7: missing field 'bbox'" in broken(lambda d: d["annotations"][1].pop("bbox"))
+    assert "annotation id 5: missing field 'iscrowd'" in broken(lambda d: d["annotations"][0].pop("iscrowd"))
+    assert "annotation index 2: missing field 'id'" in broken(lambda d: d["annotations"][2].pop("id"))
+    assert "annotation id 5: field 'image_id' 3" in broken(lambda d: d["annotations"][0].update(image_id=3))
+    assert "annotation id 5: field 'bbox' has 3" in broken(lambda d: d["annotations"][0].update(bbox=[1, 2, 3]))
+    assert "missing field 'categories'" in broken(lambda d: d.pop("categories"))
+
+
+def test_write_coco_results_round_trip(tmp_path):
+    gt, dets = random_coco(8, n_images=6)
+    dets[0]["image_id"] = np.int64(dets[0]["image_id"])
+    dets[0]["score"] = np.float32(0.25)
+    path = tmp_path / "results.json"
+    write_coco_results(str(path), dets)
+    back = json.loads(path.read_text())
+    assert os.listdir(tmp_path) == ["results.json"]                 # the temporary file is gone
+    assert len(back) == len(dets) and back[0]["score"] == 0.25
+    assert all(abs(a - b) <= 0.005 for d, r in zip(dets, back) for a, b in zip(d["bbox"], r["bbox"]))
+    assert coco_eval(gt, back) == pytest.approx(coco_eval(gt, dets), abs=2e-3)
+    with pytest.raises(ValueError, match="detection 0"):
+        write_coco_results(str(path), [{"image_id": 1, "category_id": 1, "bbox": [0, 0, float("nan"), 1],
+                                        "score": 0.5}])
+    assert json.loads(path.read_text()) == back                      # a failed write leaves the old file intact
