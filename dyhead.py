@@ -10,8 +10,8 @@ towers name each class-agnostic box for zero-shot detection. Read it top to bott
   1. From-scratch operators: modulated deformable convolution (DCNv2) by bilinear sampling, box IoU, greedy NMS and
      per-category NMS, each equal to its torchvision counterpart (tests/test_dyhead.py).
   2. COCO: box mAP exactly as pycocotools' COCOeval computes it, reading instances files, writing results files.
-  3. The feature pyramid (FPN) on the CoSwin stages.                                             (not yet written)
-  4. The Dynamic Head block: scale-, spatial- and task-aware attention, stacked.                  (not yet written)
+  3. The feature pyramid (FPN) on the CoSwin stages.
+  4. The Dynamic Head block: scale-, spatial- and task-aware attention, stacked.
   5. ATSS: anchors, adaptive training sample selection, focal / GIoU / centerness losses, decoding. (not yet written)
   6. Zero-shot detection with the UniCL towers; the stage protocol for train.py.                  (not yet written)
 """
@@ -22,6 +22,7 @@ import tempfile
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -503,3 +504,156 @@ def write_coco_results(path: str, detections) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. The feature pyramid (FPN, Lin et al. 2017, arXiv:1612.03144, section 3). A 1x1 lateral conv brings every backbone
+# stage to one width; a top-down pathway adds each coarser map, upsampled, into the next finer one, so that fine levels
+# also carry the coarse levels' semantics; a 3x3 conv on each sum smooths the aliasing of the upsampling. Detectors
+# that predict large objects on P6 and P7 (RetinaNet, ATSS) add levels below the backbone's coarsest one by stride-2
+# 3x3 convs, the first on the coarsest FPN output, each later one after a ReLU, as ATSS's LastLevelP6P7 does.
+
+class FPN(nn.Module):
+    def __init__(self, in_channels: tuple, out_channels: int, extra_levels: int = 0):
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
+        self.output = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels)
+        self.extra = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
+                                   for _ in range(extra_levels))
+        # ATSS's init (maskrcnn-benchmark's conv_with_kaiming_uniform): kaiming uniform with a=1, zero bias
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, features):  # list of (B, C_i, H_i, W_i), finest first -> list of (B, out, H_l, W_l), finest first
+        if len(features) != len(self.lateral):
+            raise ValueError(f"FPN was built for {len(self.lateral)} stage maps, got {len(features)}")
+        inner = self.lateral[-1](features[-1])                                               # (B, out, H_n, W_n)
+        outs = [self.output[-1](inner)]
+        for lateral, output, x in zip(self.lateral[-2::-1], self.output[-2::-1], features[-2::-1]):
+            x = lateral(x)                                                                     # (B, out, H_i, W_i)
+            # nearest upsampling to the finer map's exact size, not x2: a stride-2 stage of an odd-sized map is
+            # ceil(H/2), and doubling it would overshoot by one row
+            inner = x + F.interpolate(inner, size=x.shape[-2:], mode="nearest")                # (B, out, H_i, W_i)
+            outs.insert(0, output(inner))
+        for j, conv in enumerate(self.extra):
+            outs.append(conv(outs[-1] if j == 0 else F.relu(outs[-1])))                        # (B, out, H/2, W/2)
+        return outs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. The Dynamic Head block (Dai et al. 2021, arXiv:2106.08322, section 3.2, Eq. 2): on the pyramid seen as a tensor
+# level x space x channel, W(F) = pi_C(pi_S(pi_L(F) * F) * F) * F, three cheap attentions, each over one dimension.
+# As in the reference code (microsoft/DynamicHead dyhead/dyhead.py), level l's output is computed from levels l-1, l,
+# l+1 only: spatial-aware attention (Eq. 4) samples each of them with a modulated deformable conv whose offsets and
+# masks come from level l; scale-aware attention (Eq. 3) weights each of those maps by a scalar from its global
+# average and averages them; task-aware attention (Eq. 5) is a dynamic ReLU on the result.
+
+def hard_sigmoid(x):
+    """The reference code's hard sigmoid, relu6(x + 3) / 6: 0 below -3, 1 above 3, 0.5 at 0. (The paper's Eq. 3
+    writes max(0, min(1, (x + 1) / 2)); we follow the code, which the published results come from.)"""
+    return F.relu6(x + 3) / 6
+
+
+class DeformConvNorm(nn.Module):
+    """A modulated deformable 3x3 conv (DCNv2) with bias, then GroupNorm with 16 groups, as the reference's
+    Conv3x3Norm. Offsets and mask are inputs, not computed here: one offset conv per block serves all three."""
+
+    def __init__(self, channels, stride):
+        super().__init__()
+        self.stride = stride
+        self.weight = nn.Parameter(torch.empty(channels, channels, 3, 3))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.norm = nn.GroupNorm(16, channels)
+        nn.init.normal_(self.weight, 0, 0.01)   # the reference's init of the deformable convs
+
+    def forward(self, x, offset, mask):  # x (B, C, H, W), offset (B, 18, H', W'), mask (B, 9, H', W') -> (B, C, H', W')
+        return self.norm(deform_conv2d(x, offset, self.weight, self.bias, self.stride, 1, 1, mask))
+
+
+class DyReLU(nn.Module):
+    """Task-aware attention (section 3.2, Eq. 5): dynamic ReLU DY-ReLU-B (Chen et al. 2020, arXiv:2003.10027), per
+    channel c: out = max(a1_c * x + b1_c, a2_c * x + b2_c), the 4 coefficients per channel computed from the globally
+    pooled input, so each channel can switch itself on or off for the task at hand."""
+
+    def __init__(self, channels, reduction=4):
+        super().__init__()
+        self.fc1 = nn.Linear(channels, channels // reduction)
+        self.fc2 = nn.Linear(channels // reduction, 4 * channels)
+
+    def forward(self, x):  # x: (B, C, H, W) -> (B, C, H, W)
+        B, C = x.shape[:2]
+        theta = hard_sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3))))))                    # (B, 4C) in [0, 1]
+        a1, b1, a2, b2 = theta.view(B, 4, C, 1, 1).unbind(1)                                 # 4 x (B, C, 1, 1)
+        # the reference's ranges: slopes (theta - 0.5) * 2 around init_a = (1, 0), intercepts theta - 0.5 around
+        # init_b = (0, 0); at theta = 0.5 the two lines are x and 0, so the block starts as a plain ReLU
+        a1, a2 = (a1 - 0.5) * 2 + 1.0, (a2 - 0.5) * 2
+        b1, b2 = b1 - 0.5, b2 - 0.5
+        return torch.maximum(a1 * x + b1, a2 * x + b2)
+
+
+class DyHeadBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        if channels % 16:
+            raise ValueError(f"channels must be a multiple of 16 (GroupNorm with 16 groups), got {channels}")
+        # spatial-aware attention (Eq. 4): one 3x3 conv gives, at every location of level l, 2 x 9 offsets (dy, dx)
+        # and 9 masks for the 9 taps, shared by the convs on levels l, l-1 (stride 2 down to l) and l+1 (upsampled)
+        self.offset = nn.Conv2d(channels, 27, 3, padding=1)
+        self.conv_mid = DeformConvNorm(channels, stride=1)
+        self.conv_low = DeformConvNorm(channels, stride=2)
+        self.conv_high = DeformConvNorm(channels, stride=1)
+        # scale-aware attention (Eq. 3): the paper's linear function f, one 1x1 conv shared by all levels
+        self.scale_attn = nn.Conv2d(channels, 1, 1)
+        self.task_attn = DyReLU(channels)
+        nn.init.normal_(self.scale_attn.weight, 0, 0.01)
+        nn.init.zeros_(self.scale_attn.bias)
+        # zero offsets and masks sigmoid(0) = 0.5 at the start (mmdetection's zero_init_offset): every deformable conv
+        # begins as a plain 3x3 conv with half its weight, and learns where to look from there
+        nn.init.zeros_(self.offset.weight)
+        nn.init.zeros_(self.offset.bias)
+
+    def scale_weighted(self, feature):  # (B, C, H, W) -> (B, C, H, W): pi_L(F) * F, one scalar per map and image
+        pi = hard_sigmoid(F.relu(self.scale_attn(feature.mean((2, 3), keepdim=True))))      # (B, 1, 1, 1)
+        return pi * feature
+
+    def forward(self, levels):  # list of (B, C, H_l, W_l), finest first -> the same shapes
+        outs = []
+        for l, x in enumerate(levels):
+            H, W = x.shape[-2:]
+            offset_mask = self.offset(x)                                                      # (B, 27, H, W)
+            offset, mask = offset_mask[:, :18], offset_mask[:, 18:].sigmoid()                 # (B, 18|9, H, W)
+            feats = [self.conv_mid(x, offset, mask)]
+            if l > 0:
+                low = levels[l - 1]                                                           # (B, C, H_f, W_f)
+                # a stride-2 3x3 conv with padding 1 gives ceil(H_f / 2) rows, which is H when the pyramid halves by
+                # ceil (CoSwin's stride-2 embeddings, the FPN's extra levels). Otherwise zero-pad (or crop) the finer
+                # map at the bottom/right to exactly 2H x 2W; in the ceil case the extra zero row is what the conv's
+                # own zero padding reads anyway, so padding never changes an output that already fits
+                if (low.shape[-2] + 1) // 2 != H or (low.shape[-1] + 1) // 2 != W:
+                    low = F.pad(low, (0, 2 * W - low.shape[-1], 0, 2 * H - low.shape[-2]))    # (B, C, 2H, 2W)
+                feats.append(self.conv_low(low, offset, mask))
+            if l < len(levels) - 1:
+                # upsample first, then convolve with level l's offsets at level l's size; the reference convolves at
+                # the coarse size with the fine offsets, which its unchecked CUDA kernel allows (DynamicHead issue #25)
+                high = F.interpolate(levels[l + 1], size=(H, W), mode="bilinear", align_corners=True)  # (B, C, H, W)
+                feats.append(self.conv_high(high, offset, mask))
+            # scale-aware attention, then the mean over the available neighbour levels (Eq. 4's 1/L sum)
+            mean = torch.stack([self.scale_weighted(f) for f in feats]).mean(0)              # (B, C, H, W)
+            outs.append(self.task_attn(mean))
+        return outs
+
+
+class DynamicHead(nn.Module):
+    """num_blocks DyHeadBlocks in sequence (the paper: 6 blocks of 256 channels)."""
+
+    def __init__(self, channels, num_blocks):
+        super().__init__()
+        self.blocks = nn.ModuleList(DyHeadBlock(channels) for _ in range(num_blocks))
+
+    def forward(self, levels):  # list of (B, C, H_l, W_l), finest first -> the same shapes
+        levels = list(levels)
+        for block in self.blocks:
+            levels = block(levels)
+        return levels

@@ -1,7 +1,9 @@
 """dyhead.py: the from-scratch operators equal torchvision's (deformable convolution: values and gradients; NMS and
 batched NMS: kept indices and their order) and bad shapes fail with a clear message; coco_eval gives pycocotools' 12
 COCOeval bbox numbers on random ground truths and detections built to hit every rule (crowds, area ranges and their
-edges, empty images, ties, >100 detections); read_coco and the detection checks name file, annotation and field."""
+edges, empty images, ties, >100 detections); read_coco and the detection checks name file, annotation and field; the
+FPN keeps odd sizes; a Dynamic Head block equals a reference written level by level from the formulas, with plain
+convolutions at its zero-offset init and with torchvision's deformable convolution once the offsets are non-zero."""
 import contextlib
 import io
 import json
@@ -15,7 +17,8 @@ import torchvision.ops as tv
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from dyhead import COCO_STATS, batched_nms, box_iou, coco_eval, deform_conv2d, nms, read_coco, write_coco_results
+from dyhead import (COCO_STATS, FPN, DyHeadBlock, DynamicHead, DyReLU, batched_nms, box_iou, coco_eval, deform_conv2d,
+                    hard_sigmoid, nms, read_coco, write_coco_results)
 
 
 @pytest.fixture(autouse=True)
@@ -415,3 +418,183 @@ def test_write_coco_results_round_trip(tmp_path):
         write_coco_results(str(path), [{"image_id": 1, "category_id": 1, "bbox": [0, 0, float("nan"), 1],
                                         "score": 0.5}])
     assert json.loads(path.read_text()) == back                      # a failed write leaves the old file intact
+
+
+# -------------------------------------------------------------------------------- FPN and Dynamic Head
+
+# the maps of strides 8, 16, 32 of a 100 x 76 image: every side odd somewhere, each ceil(previous / 2)
+PYRAMID = [(13, 10), (7, 5), (4, 3)]
+
+
+def random_levels(channels, sizes=PYRAMID, batch=2, dtype=torch.float64):
+    return [torch.randn(batch, channels, h, w, dtype=dtype) for h, w in sizes]
+
+
+# ---------------------------------------------------------------------------------------------------------------- FPN
+
+def test_fpn_shapes_with_odd_sizes_and_extra_levels():
+    """Stage maps of strides 8/16/32 of a 100x76 image (13x10, 7x5, 4x3) give FPN maps of the same sizes (the
+    top-down upsampling hits the odd sizes exactly) and two extra levels of half the size each (2x2, 1x1); the coarsest
+    output is its lateral then output conv, and the second extra level convolves ReLU of the first."""
+    fpn = FPN((8, 16, 32), 24, extra_levels=2)
+    stages = [torch.randn(2, c, h, w) for c, (h, w) in zip((8, 16, 32), PYRAMID)]
+    outs = fpn(stages)
+    assert [tuple(o.shape) for o in outs] == [(2, 24, h, w) for h, w in PYRAMID + [(2, 2), (1, 1)]]
+    torch.testing.assert_close(outs[2], fpn.output[2](fpn.lateral[2](stages[2])))
+    torch.testing.assert_close(outs[4], fpn.extra[1](F.relu(outs[3])))
+    assert all(m.bias.abs().max() == 0 for m in fpn.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_fpn_one_level_backbone():
+    """A backbone with a single stage map works: one FPN level (lateral then output conv, no top-down sum) and its
+    extra levels, 9x9 -> 5x5 -> 3x3; a wrong number of stage maps is refused."""
+    fpn = FPN((8,), 16, extra_levels=2)
+    x = torch.randn(1, 8, 9, 9)
+    outs = fpn([x])
+    assert [tuple(o.shape[-2:]) for o in outs] == [(9, 9), (5, 5), (3, 3)]
+    torch.testing.assert_close(outs[0], fpn.output[0](fpn.lateral[0](x)))
+    with pytest.raises(ValueError, match="stage maps"):
+        fpn([x, x])
+
+
+# ------------------------------------------------------------------------------------- Dynamic Head block vs reference
+
+def reference_block(params, levels, spatial_conv):
+    """One Dynamic Head block from the formulas, level by level, with its own reading of the parameters.
+
+    spatial_conv(x, weight, bias, stride, offset, mask) is the modulated deformable 3x3 conv (padding 1)."""
+    p = {name: t.detach() for name, t in params}
+    C = levels[0].shape[1]
+    outs = []
+    for l, x in enumerate(levels):
+        H, W = x.shape[-2:]
+        offset_mask = F.conv2d(x, p["offset.weight"], p["offset.bias"], padding=1)
+        offset, mask = offset_mask[:, :18], torch.sigmoid(offset_mask[:, 18:])
+        inputs = [("conv_mid", x, 1)]
+        if l > 0:
+            inputs.append(("conv_low", levels[l - 1], 2))
+        if l < len(levels) - 1:
+            up = F.interpolate(levels[l + 1], size=(H, W), mode="bilinear", align_corners=True)
+            inputs.append(("conv_high", up, 1))
+        weighted = []
+        for name, inp, stride in inputs:
+            y = spatial_conv(inp, p[f"{name}.weight"], p[f"{name}.bias"], stride, offset, mask)
+            y = F.group_norm(y, 16, p[f"{name}.norm.weight"], p[f"{name}.norm.bias"], eps=1e-5)
+            s = y.mean((2, 3)) @ p["scale_attn.weight"].view(1, C).T + p["scale_attn.bias"]   # (B, 1)
+            pi = (s.clamp(min=0) + 3).clamp(0, 6) / 6                                         # hard_sigmoid(relu(s))
+            weighted.append(pi[:, :, None, None] * y)
+        m = sum(weighted) / len(weighted)
+        h = (m.mean((2, 3)) @ p["task_attn.fc1.weight"].T + p["task_attn.fc1.bias"]).clamp(min=0)
+        theta = ((h @ p["task_attn.fc2.weight"].T + p["task_attn.fc2.bias"]) + 3).clamp(0, 6) / 6  # (B, 4C)
+        a1, b1, a2, b2 = (theta[:, i * C:(i + 1) * C, None, None] for i in range(4))
+        outs.append(torch.maximum(((a1 - 0.5) * 2 + 1) * m + (b1 - 0.5), ((a2 - 0.5) * 2) * m + (b2 - 0.5)))
+    return outs
+
+
+def randomize_except_offset(block, scale=0.5):
+    """Random values for every parameter but the offset conv, so scale and task attention leave their flat init."""
+    with torch.no_grad():
+        for name, t in block.named_parameters():
+            if not name.startswith("offset."):
+                t.copy_(torch.randn_like(t) * scale)
+
+
+def test_block_at_init_is_plain_convolutions():
+    """At init the offset conv is zero: offsets 0 and masks sigmoid(0) = 0.5, so each deformable conv equals F.conv2d
+    with half its weight (bias untouched), and the whole block, with random values in every other parameter, equals
+    the reference written with F.conv2d, F.group_norm and the attention formulas, on 3 levels of odd sizes."""
+    block = DyHeadBlock(32).double()
+    assert block.offset.weight.abs().max() == 0 and block.offset.bias.abs().max() == 0
+    randomize_except_offset(block)
+    levels = random_levels(32)
+    plain = lambda x, w, b, stride, offset, mask: F.conv2d(x, w * 0.5, b, stride=stride, padding=1)
+    expected = reference_block(block.named_parameters(), levels, plain)
+    with torch.no_grad():
+        outs = block(levels)
+    assert [o.shape for o in outs] == [x.shape for x in levels]
+    for o, e in zip(outs, expected):
+        assert (o - e).abs().max() < 1e-10
+
+
+def test_block_with_offsets_equals_torchvision_deform_conv():
+    """With random non-zero offset-conv weights (offsets of about a pixel, masks away from 0.5), the block equals the
+    same reference with torchvision.ops.deform_conv2d as the spatial conv."""
+    block = DyHeadBlock(32).double()
+    randomize_except_offset(block)
+    with torch.no_grad():
+        block.offset.weight.normal_(0, 0.05)
+        block.offset.bias.normal_(0, 0.5)
+    levels = random_levels(32)
+    deform = lambda x, w, b, stride, offset, mask: tv.deform_conv2d(x, offset, w, b, stride=stride, padding=1,
+                                                                     mask=mask)
+    expected = reference_block(block.named_parameters(), levels, deform)
+    with torch.no_grad():
+        offset = block.offset(levels[0])[:, :18]
+        assert offset.abs().mean() > 0.3                        # the offsets do move the taps off the grid
+        outs = block(levels)
+    for o, e in zip(outs, expected):
+        assert (o - e).abs().max() < 1e-10
+
+
+def test_block_on_a_pyramid_that_does_not_halve_by_ceil():
+    """Levels 12x12, 7x7, 3x3 (not ceil halvings) keep their shapes: the finer neighbour is zero-padded (12 -> 14) or
+    cropped (7 -> 6) to twice the level's size. Zero-padding a map whose stride-2 output already fits changes nothing,
+    because the conv's own zero padding reads those zeros anyway."""
+    block = DyHeadBlock(16).double()
+    with torch.no_grad():
+        block.offset.weight.normal_(0, 0.05)
+    levels = random_levels(16, [(12, 12), (7, 7), (3, 3)], batch=1)
+    with torch.no_grad():
+        outs = block(levels)
+    assert [o.shape for o in outs] == [x.shape for x in levels]
+    assert all(torch.isfinite(o).all() for o in outs)
+    x, w = torch.randn(1, 4, 13, 10, dtype=torch.float64), torch.randn(4, 4, 3, 3, dtype=torch.float64)
+    offset, mask = torch.randn(1, 18, 7, 5, dtype=torch.float64) * 2, torch.rand(1, 9, 7, 5, dtype=torch.float64)
+    padded = F.pad(x, (0, 0, 0, 1))                                                            # 13 -> 14 rows
+    assert (deform_conv2d(x, offset, w, None, 2, 1, 1, mask) - deform_conv2d(padded, offset, w, None, 2, 1, 1, mask)
+            ).abs().max() < 1e-12
+
+
+# -------------------------------------------------------------------------------------------------------- dynamic ReLU
+
+def test_dyrelu_matches_formula():
+    """DY-ReLU-B by hand: theta = hard_sigmoid(fc2(relu(fc1(avgpool x)))), split into (a1, b1, a2, b2) blocks of C,
+    out = max((a1 - .5) * 2 + 1) x + b1 - .5, (a2 - .5) * 2 x + b2 - .5) per channel."""
+    relu = DyReLU(16)
+    x = torch.randn(3, 16, 5, 4)
+    pooled = x.mean((2, 3))
+    theta = hard_sigmoid(relu.fc2(torch.relu(relu.fc1(pooled))))
+    a1, b1, a2, b2 = (theta[:, i * 16:(i + 1) * 16, None, None] for i in range(4))
+    expected = torch.maximum(((a1 - 0.5) * 2 + 1) * x + b1 - 0.5, (a2 - 0.5) * 2 * x + b2 - 0.5)
+    torch.testing.assert_close(relu(x), expected)
+    assert hard_sigmoid(torch.tensor([-4.0, -3.0, 0.0, 1.5, 3.0, 4.0])).tolist() == [0, 0, 0.5, 0.75, 1, 1]
+
+
+def test_dyrelu_with_zero_second_linear_is_relu():
+    """With fc2's weight and bias zero, hard_sigmoid gives 0.5 for every coefficient, so a1 = 1, b1 = 0, a2 = 0,
+    b2 = 0 and the dynamic ReLU is max(x, 0): a plain ReLU."""
+    relu = DyReLU(16)
+    with torch.no_grad():
+        relu.fc2.weight.zero_()
+        relu.fc2.bias.zero_()
+    x = torch.randn(2, 16, 6, 7)
+    assert torch.equal(relu(x), torch.relu(x))
+
+
+# ------------------------------------------------------------------------------------------------------------ gradients
+
+def test_gradients_reach_every_parameter():
+    """A 2-block DynamicHead with non-zero offset convs (and the scale-attention bias opened past its ReLU): every
+    parameter of both blocks gets a finite, non-zero gradient from a loss on all output levels."""
+    head = DynamicHead(32, num_blocks=2)
+    with torch.no_grad():
+        for block in head.blocks:
+            block.offset.weight.normal_(0, 0.05)
+            block.scale_attn.bias.fill_(0.5)
+    levels = random_levels(32, dtype=torch.float32)
+    outs = head(levels)
+    assert [o.shape for o in outs] == [x.shape for x in levels]
+    sum((o * torch.randn_like(o)).sum() for o in outs).backward()
+    for name, t in head.named_parameters():
+        assert t.grad is not None, name
+        assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0, name
