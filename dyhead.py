@@ -12,7 +12,7 @@ towers name each class-agnostic box for zero-shot detection. Read it top to bott
   2. COCO: box mAP exactly as pycocotools' COCOeval computes it, reading instances files, writing results files.
   3. The feature pyramid (FPN) on the CoSwin stages.
   4. The Dynamic Head block: scale-, spatial- and task-aware attention, stacked.
-  5. ATSS: anchors, adaptive training sample selection, focal / GIoU / centerness losses, decoding. (not yet written)
+  5. ATSS: anchors, adaptive training sample selection, focal / GIoU / centerness losses, decoding.
   6. Zero-shot detection with the UniCL towers; the stage protocol for train.py.                  (not yet written)
 """
 import json
@@ -657,3 +657,274 @@ class DynamicHead(nn.Module):
         for block in self.blocks:
             levels = block(levels)
         return levels
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. ATSS (Zhang et al. 2020, arXiv:1912.02424): RetinaNet with one anchor per location whose positives are chosen per
+# object by a statistic of the object's own IoUs instead of a fixed IoU threshold. As in the port the Dynamic Head
+# paper trains (microsoft/DynamicHead extra/atss.py), the Dynamic Head blocks replace ATSS's conv towers, so only the
+# three final predictors remain.
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5a. Anchors and the box coder. ATSS keeps one square anchor per location, of side 8 x the level's stride (ATSS
+# section 4.1; the DynamicHead configs give sizes 64..1024 for strides 8..128). The DynamicHead configs set detectron2's
+# anchor OFFSET to 0.5 (detectron2's default is 0.0), so the anchor of cell (y, x) is centred on the cell's centre,
+# ((x + 0.5) * stride, (y + 0.5) * stride), not on its top-left corner.
+
+def anchors(sizes, strides, scale=8, offset=0.5, device=None):
+    """One square anchor per feature-map location: sizes [(H_l, W_l)], strides [s_l] -> [(H_l * W_l, 4)] x1y1x2y2 in
+    pixels, level by level, each in row-major order (y, then x), the order in which ATSSHead flattens its maps."""
+    out = []
+    for (H, W), stride in zip(sizes, strides):
+        ys = (torch.arange(H, dtype=torch.float32, device=device) + offset) * stride         # (H,)
+        xs = (torch.arange(W, dtype=torch.float32, device=device) + offset) * stride         # (W,)
+        cy, cx = torch.meshgrid(ys, xs, indexing="ij")                                       # (H, W) each
+        centres = torch.stack((cx, cy, cx, cy), dim=-1).reshape(H * W, 4)                    # (H*W, 4)
+        half = scale * stride / 2
+        out.append(centres + torch.tensor([-half, -half, half, half], device=device))
+    return out
+
+
+# The network regresses a box as deltas from its anchor (Girshick et al. 2014, Fast/Faster R-CNN parametrisation):
+# centre shift in anchor widths and log size ratio, multiplied by weights (10, 10, 5, 5) so that the four deltas of
+# typical matches have about unit variance (detectron2's Box2BoxTransform with the ATSS config's BBOX_REG_WEIGHTS).
+BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+SCALE_CLAMP = math.log(1000.0 / 16)  # decode never grows a box by more than 1000/16 = 62.5x, so exp() cannot overflow
+
+
+def _centre_size(boxes):
+    w, h = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    return boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h, w, h
+
+
+def encode(anchor_boxes, boxes, weights=BOX_WEIGHTS):
+    """Deltas (dx, dy, dw, dh) that take each anchor to its box: (N, 4), (N, 4) x1y1x2y2 -> (N, 4)."""
+    ax, ay, aw, ah = _centre_size(anchor_boxes)
+    bx, by, bw, bh = _centre_size(boxes)
+    wx, wy, ww, wh = weights
+    return torch.stack((wx * (bx - ax) / aw, wy * (by - ay) / ah,
+                        ww * torch.log(bw / aw), wh * torch.log(bh / ah)), dim=-1)
+
+
+def decode(deltas, anchor_boxes, weights=BOX_WEIGHTS, scale_clamp=SCALE_CLAMP):
+    """Inverse of encode: (N, 4) deltas on (N, 4) anchors -> (N, 4) boxes x1y1x2y2. dw, dh are clamped at scale_clamp
+    after dividing by their weights, as detectron2's apply_deltas does."""
+    ax, ay, aw, ah = _centre_size(anchor_boxes.to(deltas.dtype))
+    wx, wy, ww, wh = weights
+    dx, dy, dw, dh = deltas.unbind(-1)
+    cx, cy = dx / wx * aw + ax, dy / wy * ah + ay
+    w = torch.exp((dw / ww).clamp(max=scale_clamp)) * aw
+    h = torch.exp((dh / wh).clamp(max=scale_clamp)) * ah
+    return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5b. Adaptive training sample selection (ATSS section 4.1, Algorithm 1). For each object g: on every level take the k
+# anchors whose centres are nearest g's centre (L2), as candidates; the IoU threshold is t_g = m_g + v_g, the mean plus
+# the standard deviation of the candidates' IoUs with g (torch's .std(), the unbiased one, as the reference), so a
+# well-matched object keeps only its best few anchors and a poorly-matched one still gets some. Positives are the
+# candidates with IoU >= t_g whose centre lies inside g (every distance to a side > 0.01 px, as the reference). An
+# anchor positive for several objects goes to the one it overlaps most (ties: the first object).
+
+def atss_assign(anchors_per_level, gt_boxes, gt_labels, topk=9):
+    """Label every anchor of one image: anchors_per_level [(A_l, 4)], gt_boxes (G, 4) x1y1x2y2, gt_labels (G,) ->
+    (labels (A,) int64, the class of the matched object or -1 for background; matched (A,) int64, the index of the
+    matched object or -1 for background). An image without objects is all background."""
+    anchor_boxes = torch.cat(anchors_per_level)                                              # (A, 4)
+    A, G = anchor_boxes.shape[0], gt_boxes.shape[0]
+    labels = torch.full((A,), -1, dtype=torch.int64, device=anchor_boxes.device)
+    matched = torch.full((A,), -1, dtype=torch.int64, device=anchor_boxes.device)
+    if G == 0:
+        return labels, matched
+    gt_boxes = gt_boxes.to(anchor_boxes)
+    ious = box_iou(anchor_boxes, gt_boxes)                                                   # (A, G)
+    anchor_ctr = (anchor_boxes[:, :2] + anchor_boxes[:, 2:]) / 2                             # (A, 2)
+    gt_ctr = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2                                         # (G, 2)
+    dist = (anchor_ctr[:, None] - gt_ctr[None]).pow(2).sum(-1).sqrt()                        # (A, G)
+
+    # the k nearest anchors of each level, for all objects at once; indices into the A anchors
+    candidates, start = [], 0
+    for level in anchors_per_level:
+        n = level.shape[0]
+        nearest = dist[start:start + n].topk(min(topk, n), dim=0, largest=False).indices    # (k_l, G)
+        candidates.append(nearest + start)
+        start += n
+    candidates = torch.cat(candidates)                                                       # (C, G), C = sum_l k_l
+
+    # the per-object IoU threshold t_g = m_g + v_g over its C candidates
+    cand_ious = ious.gather(0, candidates)                                                   # (C, G)
+    threshold = cand_ious.mean(0) + cand_ious.std(0)                                         # (G,)
+
+    # keep the candidates over the threshold whose centre is inside the object
+    ctr = anchor_ctr[candidates]                                                             # (C, G, 2)
+    ltrb = torch.cat((ctr - gt_boxes[:, :2], gt_boxes[:, 2:] - ctr), dim=-1)                 # (C, G, 4)
+    is_pos = (cand_ious >= threshold) & (ltrb.min(-1).values > 0.01)                         # (C, G)
+
+    # an anchor positive for several objects takes the one with the highest IoU: the IoUs of its positive pairs,
+    # -inf elsewhere, and the max over objects (torch.max returns the first maximal index on ties)
+    objects = torch.arange(G, device=gt_boxes.device).expand_as(candidates)                  # (C, G)
+    rows, cols = candidates[is_pos], objects[is_pos]                                         # (P,), (P,)
+    pos_ious = torch.full_like(ious, -math.inf)                                              # (A, G)
+    pos_ious[rows, cols] = ious[rows, cols]
+    best_iou, best_gt = pos_ious.max(dim=1)                                                  # (A,), (A,)
+    positive = best_iou > -math.inf
+    matched[positive] = best_gt[positive]
+    labels[positive] = gt_labels.to(labels.device, torch.int64)[best_gt[positive]]
+    return labels, matched
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5c. Losses. Classification: sigmoid focal loss (Lin et al. 2017, Eq. 5; gamma 2, alpha 0.25) on every anchor and
+# class, background anchors having all-zero targets, summed and divided by the number of positives. Boxes: GIoU loss
+# (Rezatofighi et al. 2019) between the decoded prediction and the object, for positives only, weighted by the
+# centerness target and divided by the sum of those targets, so well-centred anchors dominate the regression.
+# Centerness (FCOS, Tian et al. 2019, Eq. 3): a logit per anchor trained with BCE towards
+# sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)), l, t, r, b measured from the anchor centre to the object's
+# sides, averaged over positives. The reference all-reduces the positive count and the centerness sum over GPUs; here
+# both are this process's (batch) sums.
+
+def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
+    """Focal loss summed over all elements (torchvision.ops.sigmoid_focal_loss with reduction="sum"). logits and
+    targets (float, 0/1) of the same shape."""
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)                         # the probability given to the true answer
+    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    return (alpha_t * ce * (1 - p_t) ** gamma).sum()
+
+
+def giou_loss(boxes, target_boxes, eps=1e-7):
+    """1 - GIoU of each pair: (N, 4), (N, 4) x1y1x2y2 -> (N,) (torchvision.ops.generalized_box_iou_loss, reduction
+    "none"). Decoded boxes have positive sides (exp), so no x2 >= x1 guard is needed."""
+    x1, y1 = torch.max(boxes[:, 0], target_boxes[:, 0]), torch.max(boxes[:, 1], target_boxes[:, 1])
+    x2, y2 = torch.min(boxes[:, 2], target_boxes[:, 2]), torch.min(boxes[:, 3], target_boxes[:, 3])
+    inter = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
+    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area(boxes) + area(target_boxes) - inter
+    # the smallest box enclosing both: GIoU subtracts the share of it that neither box covers
+    ex1, ey1 = torch.min(boxes[:, 0], target_boxes[:, 0]), torch.min(boxes[:, 1], target_boxes[:, 1])
+    ex2, ey2 = torch.max(boxes[:, 2], target_boxes[:, 2]), torch.max(boxes[:, 3], target_boxes[:, 3])
+    enclosing = (ex2 - ex1) * (ey2 - ey1)
+    return 1 - (inter / (union + eps) - (enclosing - union) / (enclosing + eps))
+
+
+def centerness_targets(anchor_boxes, gt_boxes):
+    """FCOS centerness of each anchor's centre inside its object: (N, 4), (N, 4) -> (N,) in (0, 1], 1 at the object's
+    centre. ATSS positives have their centre inside the object, so every side distance is > 0."""
+    ctr = (anchor_boxes[:, :2] + anchor_boxes[:, 2:]) / 2                                     # (N, 2)
+    l, t = (ctr - gt_boxes[:, :2]).unbind(-1)
+    r, b = (gt_boxes[:, 2:] - ctr).unbind(-1)
+    return torch.sqrt(torch.min(l, r) / torch.max(l, r) * (torch.min(t, b) / torch.max(t, b)))
+
+
+def atss_losses(cls_logits, box_deltas, centerness, anchors_per_level, targets, topk=9, alpha=0.25, gamma=2.0,
+                box_loss_weight=2.0):
+    """The ATSS training losses of a batch: cls_logits (B, A, K), box_deltas (B, A, 4), centerness (B, A) as ATSSHead
+    returns them; anchors_per_level [(A_l, 4)] (levels are needed for the selection); targets [(gt_boxes (G_i, 4),
+    gt_labels (G_i,))] per image. -> dict(cls, box, centerness) of scalars, their sum being the reference's total:
+    box carries the config's REG_LOSS_WEIGHT (2.0). With no positive in the batch, box and centerness are 0 but still
+    connected to the predictions, so backward() works."""
+    B, A, K = cls_logits.shape
+    anchor_boxes = torch.cat(anchors_per_level).to(box_deltas)                               # (A, 4)
+    with torch.no_grad():
+        labels, gt_per_anchor = [], []
+        for gt_boxes, gt_labels in targets:
+            lab, match = atss_assign(anchors_per_level, gt_boxes, gt_labels, topk)
+            labels.append(lab)
+            # background rows read an arbitrary object (or a dummy box); only positive rows are used below
+            gt = gt_boxes.to(anchor_boxes)[match.clamp(min=0)] if len(gt_boxes) else torch.zeros_like(anchor_boxes)
+            gt_per_anchor.append(gt)
+        labels = torch.stack(labels)                                                         # (B, A)
+        gt_per_anchor = torch.stack(gt_per_anchor)                                           # (B, A, 4)
+        positive = labels >= 0                                                               # (B, A)
+        num_pos = max(int(positive.sum()), 1)
+        cls_targets = F.one_hot(labels.clamp(min=0), K) * positive[..., None]                # (B, A, K)
+
+    cls_loss = sigmoid_focal_loss(cls_logits, cls_targets.to(cls_logits), alpha, gamma) / num_pos
+
+    pos_anchors = anchor_boxes.expand(B, A, 4)[positive]                                     # (P, 4)
+    pos_gt = gt_per_anchor[positive]                                                         # (P, 4)
+    pos_deltas, pos_ctr_logits = box_deltas[positive], centerness[positive]                  # (P, 4), (P,)
+    if not positive.any():
+        return dict(cls=cls_loss, box=pos_deltas.sum(), centerness=pos_ctr_logits.sum())    # empty sums: 0
+    # the reference encodes the object as deltas and decodes it back; reading the object directly is the same box
+    ctr_targets = centerness_targets(pos_anchors, pos_gt)                                    # (P,)
+    box_loss = (giou_loss(decode(pos_deltas, pos_anchors), pos_gt) * ctr_targets).sum() / ctr_targets.sum()
+    ctr_loss = F.binary_cross_entropy_with_logits(pos_ctr_logits, ctr_targets, reduction="sum") / num_pos
+    return dict(cls=cls_loss, box=box_loss_weight * box_loss, centerness=ctr_loss)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5d. The ATSS predictors. In the DynamicHead reference ATSS has no conv towers of its own (ATSS.NUM_CONVS 0): the
+# Dynamic Head blocks are the towers, and each level of the last block feeds three convolutions, shared over levels,
+# that give the class logits, the box deltas and the centerness logit of the level's anchors. The reference uses 1x1
+# convolutions here (kernel_size=1); the original ATSS, on its own 4-conv towers, uses 3x3 (kernel_size=3). The class
+# bias starts at -log((1 - p) / p), so every anchor first predicts probability p = 0.01 and the many background anchors
+# do not swamp the focal loss at the start (Lin et al. 2017, section 4.1 "Initialization"). A learnable scalar per level
+# rescales the deltas, since one shared conv serves objects of very different sizes (FCOS section 3.2).
+
+class ATSSHead(nn.Module):
+    def __init__(self, channels, num_classes, num_levels, prior_prob=0.01, kernel_size=1):
+        super().__init__()
+        self.num_classes = num_classes
+        conv = lambda out: nn.Conv2d(channels, out, kernel_size, padding=kernel_size // 2)
+        self.cls_logits, self.bbox_pred, self.centerness = conv(num_classes), conv(4), conv(1)
+        for layer in (self.cls_logits, self.bbox_pred, self.centerness):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.zeros_(layer.bias)
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+        self.scales = nn.Parameter(torch.ones(num_levels))
+
+    def forward(self, levels):
+        """levels [(B, C, H_l, W_l)] -> cls_logits (B, A, K), box_deltas (B, A, 4), centerness (B, A), with
+        A = sum_l H_l * W_l ordered as anchors() orders them (level, then y, then x)."""
+        cls, deltas, ctr = [], [], []
+        for l, x in enumerate(levels):
+            B = x.shape[0]
+            cls.append(self.cls_logits(x).permute(0, 2, 3, 1).reshape(B, -1, self.num_classes))   # (B, H*W, K)
+            d = self.bbox_pred(x) * self.scales[l]                                                 # (B, 4, H, W)
+            deltas.append(d.permute(0, 2, 3, 1).reshape(B, -1, 4))                                # (B, H*W, 4)
+            ctr.append(self.centerness(x).reshape(B, -1))                                         # (B, H*W)
+        return torch.cat(cls, 1), torch.cat(deltas, 1), torch.cat(ctr, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5e. From predictions to detections (the reference's inference, then detectron2's detector_postprocess). Per level,
+# an (anchor, class) pair is a candidate when its class probability alone exceeds score_thresh; its score is the class
+# probability times the centerness probability (no square root in the DynamicHead reference, unlike FCOS-style
+# postprocessors), so off-centre anchors rank below centred ones. Each level keeps its best pre_nms_top_n candidates;
+# then per-class NMS over all levels, the best max_detections, and finally the boxes are clipped to the image and
+# empty ones dropped (clipping after NMS, as detector_postprocess does).
+
+@torch.no_grad()
+def postprocess(cls_logits, box_deltas, centerness, anchors_per_level, image_size, score_thresh=0.05,
+                pre_nms_top_n=1000, nms_thresh=0.6, max_detections=100):
+    """Detections per image: predictions as ATSSHead returns them, image_size (H, W) for every image or a list of one
+    (H, W) per image -> [(boxes (n, 4) x1y1x2y2 in input pixels, scores (n,), labels (n,) int64)], by decreasing
+    score."""
+    B = cls_logits.shape[0]
+    sizes = image_size if isinstance(image_size, list) else [image_size] * B
+    results = []
+    for i in range(B):
+        boxes, scores, labels, start = [], [], [], 0
+        for level in anchors_per_level:
+            span = slice(start, start + level.shape[0])
+            start += level.shape[0]
+            prob = cls_logits[i, span].sigmoid()                                             # (A_l, K)
+            is_cand = prob > score_thresh                                                    # (A_l, K)
+            score = (prob * centerness[i, span].sigmoid()[:, None])[is_cand]                 # (n,)
+            loc, cls = is_cand.nonzero(as_tuple=True)                                        # (n,), (n,)
+            score, best = score.topk(min(pre_nms_top_n, score.numel()))
+            loc, cls = loc[best], cls[best]
+            boxes.append(decode(box_deltas[i, span][loc], level[loc]))
+            scores.append(score)
+            labels.append(cls)
+        boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+        keep = batched_nms(boxes, scores, labels, nms_thresh)[:max_detections]
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        H, W = sizes[i]
+        boxes = torch.stack((boxes[:, 0].clamp(0, W), boxes[:, 1].clamp(0, H),
+                             boxes[:, 2].clamp(0, W), boxes[:, 3].clamp(0, H)), dim=-1)
+        nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        results.append((boxes[nonempty], scores[nonempty], labels[nonempty]))
+    return results

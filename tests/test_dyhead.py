@@ -3,22 +3,29 @@ batched NMS: kept indices and their order) and bad shapes fail with a clear mess
 COCOeval bbox numbers on random ground truths and detections built to hit every rule (crowds, area ranges and their
 edges, empty images, ties, >100 detections); read_coco and the detection checks name file, annotation and field; the
 FPN keeps odd sizes; a Dynamic Head block equals a reference written level by level from the formulas, with plain
-convolutions at its zero-offset init and with torchvision's deformable convolution once the offsets are non-zero."""
+convolutions at its zero-offset init and with torchvision's deformable convolution once the offsets are non-zero; ATSS's
+vectorised sample selection equals a plain-loop reading of its Algorithm 1, its focal and GIoU losses and box coder
+equal torchvision's, postprocess thresholds, suppresses, caps and clips as the DynamicHead reference, and a head on
+fixed features learns to find two objects."""
 import contextlib
 import io
 import json
+import math
 import os
+import statistics
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.ops as tv
+from torchvision.models.detection._utils import BoxCoder
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from dyhead import (COCO_STATS, FPN, DyHeadBlock, DynamicHead, DyReLU, batched_nms, box_iou, coco_eval, deform_conv2d,
-                    hard_sigmoid, nms, read_coco, write_coco_results)
+from dyhead import (COCO_STATS, FPN, ATSSHead, DyHeadBlock, DynamicHead, DyReLU, anchors, atss_assign, atss_losses,
+                    batched_nms, box_iou, centerness_targets, coco_eval, decode, deform_conv2d, encode, giou_loss,
+                    hard_sigmoid, nms, postprocess, read_coco, sigmoid_focal_loss, write_coco_results)
 
 
 @pytest.fixture(autouse=True)
@@ -598,3 +605,323 @@ def test_gradients_reach_every_parameter():
     for name, t in head.named_parameters():
         assert t.grad is not None, name
         assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0, name
+
+
+# -------------------------------------------------------------------------------- ATSS
+
+SIZES, STRIDES, IMAGE = [(16, 16), (8, 8), (4, 4)], [8, 16, 32], (128, 128)
+
+
+# ---------------------------------------------------------------------------------------------------------- anchors
+
+def test_anchors_are_centred_on_cells_in_row_major_order():
+    """Offset 0.5 (the DynamicHead config): cell (y, x) of a stride-s level has a square anchor of side 8s centred at
+    ((x + 0.5) s, (y + 0.5) s), cells listed y-major."""
+    lv0, lv1 = anchors([(2, 3), (1, 2)], [8, 16])
+    assert lv0.shape == (6, 4) and lv1.shape == (2, 4)
+    assert lv0[0].tolist() == [4 - 32, 4 - 32, 4 + 32, 4 + 32]
+    assert lv0[1].tolist() == [12 - 32, 4 - 32, 12 + 32, 4 + 32]            # next x, same y
+    assert lv0[3].tolist() == [4 - 32, 12 - 32, 4 + 32, 12 + 32]            # next row
+    assert lv1[1].tolist() == [24 - 64, 8 - 64, 24 + 64, 8 + 64]
+
+
+# ---------------------------------------------------------------------------------------------------------- selection
+
+def brute_force_assign(anchors_per_level, gt_boxes, gt_labels, topk, std=statistics.stdev):
+    """ATSS Algorithm 1 read literally, in Python floats, one object, level and anchor at a time. Also returns, per
+    anchor, how many objects selected it, so the test can check that the tie-break between objects was exercised."""
+    levels = [lvl.tolist() for lvl in anchors_per_level]
+    flat = [a for lvl in levels for a in lvl]
+    centre = lambda b: ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)
+
+    def iou(a, b):
+        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = w * h
+        return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+    selected_by = [[] for _ in flat]                                       # per anchor: (iou, object) pairs
+    for g, gt in enumerate(gt_boxes.tolist()):
+        gx, gy = centre(gt)
+        candidates, start = [], 0
+        for lvl in levels:
+            dist = []
+            for j, a in enumerate(lvl):
+                ax, ay = centre(a)
+                dist.append((math.sqrt((ax - gx) ** 2 + (ay - gy) ** 2), start + j))
+            candidates += [j for _, j in sorted(dist)[:topk]]
+            start += len(lvl)
+        ious = [iou(flat[c], gt) for c in candidates]
+        threshold = statistics.mean(ious) + std(ious)                    # stdev: the unbiased (n - 1) one
+        for c, v in zip(candidates, ious):
+            ax, ay = centre(flat[c])
+            inside = min(ax - gt[0], ay - gt[1], gt[2] - ax, gt[3] - ay) > 0.01
+            if v >= threshold and inside:
+                selected_by[c].append((v, g))
+    labels, matched = [-1] * len(flat), [-1] * len(flat)
+    for a, pairs in enumerate(selected_by):
+        if pairs:
+            best = max(pairs, key=lambda p: p[0])                          # first of equal maxima: the lower object
+            matched[a], labels[a] = best[1], int(gt_labels[best[1]])
+    return labels, matched, [len(p) for p in selected_by]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_atss_assign_matches_brute_force(seed):
+    """Random objects on three levels plus two heavily overlapping objects (anchors selected by both go to the higher
+    IoU) and a 1-pixel object between anchor centres (no positive: no candidate centre is inside it): the vectorised
+    selection gives the same labels and matches as the plain loops. Float64, so both sides round alike."""
+    g = torch.Generator().manual_seed(seed)
+    lvls = [a.double() for a in anchors(SIZES, STRIDES)]
+    xy = torch.rand(5, 2, generator=g, dtype=torch.float64) * 90
+    wh = 8 + torch.rand(5, 2, generator=g, dtype=torch.float64) * 70
+    overlap = torch.tensor([[30.3, 30.1, 90.2, 89.7], [36.1, 34.2, 97.9, 95.3]], dtype=torch.float64)
+    tiny = torch.tensor([[10.5, 10.5, 11.5, 11.5]], dtype=torch.float64)
+    gt_boxes = torch.cat([torch.cat([xy, xy + wh], 1), overlap, tiny])
+    gt_labels = torch.randint(0, 4, (len(gt_boxes),), generator=g)
+
+    labels, matched = atss_assign(lvls, gt_boxes, gt_labels, topk=9)
+    ref_labels, ref_matched, n_selecting = brute_force_assign(lvls, gt_boxes, gt_labels, topk=9)
+    assert matched.tolist() == ref_matched
+    assert labels.tolist() == ref_labels
+    assert max(n_selecting) >= 2                                           # the max-IoU tie-break mattered
+    assert (matched == len(gt_boxes) - 1).sum() == 0                       # the tiny object has no positive
+    assert (matched >= 0).sum() >= 5
+
+
+def test_atss_assign_uses_the_unbiased_std():
+    """The threshold's std is the unbiased one (torch's .std() default, as the reference): among random single
+    objects, those whose positives differ between the unbiased and the biased std follow the unbiased one."""
+    g = torch.Generator().manual_seed(0)
+    lvls = [a.double() for a in anchors(SIZES, STRIDES)]
+    label = torch.tensor([1])
+    found = 0
+    for _ in range(300):
+        xy = torch.rand(1, 2, generator=g, dtype=torch.float64) * 90
+        box = torch.cat([xy, xy + 8 + torch.rand(1, 2, generator=g, dtype=torch.float64) * 70], 1)
+        unbiased = brute_force_assign(lvls, box, label, topk=9)[1]
+        if unbiased != brute_force_assign(lvls, box, label, topk=9, std=statistics.pstdev)[1]:
+            found += 1
+            assert atss_assign(lvls, box, label, topk=9)[1].tolist() == unbiased
+    assert found >= 1
+
+
+def test_atss_assign_centre_must_be_inside_by_more_than_0_01():
+    """An object (20, 20, x2, x2) lies inside all 9 nearest level-0 anchors, so they tie on the top IoU and pass the
+    threshold; the one centred at (36, 36) is positive only if its centre is more than 0.01 px inside the object, as in
+    the reference: x2 = 36.005 makes it background, x2 = 36.02 positive, while (28, 28) is positive in both."""
+    lvls = anchors(SIZES, STRIDES)
+    at_36, at_28 = 4 * 16 + 4, 3 * 16 + 3
+    for x2, expected in ((36.005, -1), (36.02, 0)):
+        _, matched = atss_assign(lvls, torch.tensor([[20.0, 20.0, x2, x2]]), torch.tensor([5]))
+        assert matched[at_36].item() == expected and matched[at_28].item() == 0
+
+
+def test_atss_assign_without_objects_is_all_background():
+    """An image with no objects: every anchor is background (label -1, match -1), no error."""
+    lvls = anchors(SIZES, STRIDES)
+    labels, matched = atss_assign(lvls, torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
+    assert labels.shape == matched.shape == (sum(h * w for h, w in SIZES),)
+    assert (labels == -1).all() and (matched == -1).all()
+
+
+# ---------------------------------------------------------------------------------------------------------- losses
+
+def random_gt_boxes(n, generator=None, dtype=torch.float64):
+    xy = torch.rand(n, 2, generator=generator, dtype=dtype) * 50
+    return torch.cat([xy, xy + 1 + torch.rand(n, 2, generator=generator, dtype=dtype) * 40], 1)
+
+
+def test_sigmoid_focal_loss_matches_torchvision():
+    """Summed focal loss (alpha 0.25, gamma 2, and another setting) on hard 0/1 and soft targets equals torchvision's
+    sigmoid_focal_loss with reduction="sum"."""
+    logits = torch.randn(40, 7, dtype=torch.float64) * 3
+    for targets in ((torch.rand(40, 7) < 0.2).double(), torch.rand(40, 7, dtype=torch.float64)):
+        for alpha, gamma in ((0.25, 2.0), (0.5, 1.0)):
+            ours = sigmoid_focal_loss(logits, targets, alpha, gamma)
+            ref = tv.sigmoid_focal_loss(logits, targets, alpha, gamma, reduction="sum")
+            torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_giou_loss_matches_torchvision():
+    """Per-pair 1 - GIoU equals torchvision's generalized_box_iou_loss (reduction "none") on random pairs, which
+    include disjoint, overlapping and nested boxes, and on identical boxes (loss 0)."""
+    a, b = random_gt_boxes(200), random_gt_boxes(200)
+    a = torch.cat([a, b[:5], torch.tensor([[0., 0, 10, 10]], dtype=torch.float64)])
+    b = torch.cat([b, b[:5], torch.tensor([[2., 2, 5, 5]], dtype=torch.float64)])        # the last pair is nested
+    ours = giou_loss(a, b)
+    torch.testing.assert_close(ours, tv.generalized_box_iou_loss(a, b, reduction="none"), rtol=1e-12, atol=1e-12)
+    assert ours[200:205].abs().max() < 1e-6 and (ours[:200] > 1).any()                    # some pairs are disjoint
+
+
+def test_encode_decode_round_trip_and_torchvision_box_coder():
+    """decode(encode(a, b), a) = b, and both equal torchvision's BoxCoder with weights (10, 10, 5, 5) and the
+    log(1000/16) clip (detectron2's Box2BoxTransform is the same transform)."""
+    a, b = random_gt_boxes(100), random_gt_boxes(100)
+    deltas = encode(a, b)
+    torch.testing.assert_close(decode(deltas, a), b, rtol=1e-12, atol=1e-9)
+    coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0), bbox_xform_clip=math.log(1000.0 / 16))
+    torch.testing.assert_close(deltas, coder.encode_single(b, a), rtol=1e-12, atol=1e-12)
+    wild = torch.randn(100, 4, dtype=torch.float64) * 30
+    torch.testing.assert_close(decode(wild, a), coder.decode_single(wild, a), rtol=1e-12, atol=1e-9)
+
+
+def test_decode_clamps_size_growth():
+    """dw, dh are clamped at log(1000/16) after dividing by their weight 5: a huge delta grows an anchor 62.5x, not
+    exp(1000/5) (inf); shrinking is not clamped."""
+    anchor = torch.tensor([[0., 0., 16., 32.]])
+    box = decode(torch.tensor([[0., 0., 1000., 5 * math.log(0.25)]]), anchor)[0]
+    assert torch.isfinite(box).all()
+    torch.testing.assert_close(box[2] - box[0], torch.tensor(16 * 62.5))
+    torch.testing.assert_close(box[3] - box[1], torch.tensor(32 * 0.25))
+
+
+def test_centerness_targets_by_hand():
+    """sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)) from the anchor centre: a centred anchor gives 1, an
+    anchor centred at (16, 16) in (0, 0, 40, 24) gives sqrt(16/24 * 8/16) = sqrt(1/3), one at (10, 3) in
+    (0, 0, 40, 24) gives sqrt(10/30 * 3/21)."""
+    gt = torch.tensor([[0., 0., 40., 24.]] * 3)
+    centres = torch.tensor([[20., 12.], [16., 16.], [10., 3.]])
+    anchor_boxes = torch.cat([centres - 4, centres + 4], 1)               # any size: only the centre counts
+    expected = torch.tensor([1.0, math.sqrt(1 / 3), math.sqrt(10 / 30 * 3 / 21)])
+    torch.testing.assert_close(centerness_targets(anchor_boxes, gt), expected)
+
+
+def test_losses_finite_perfect_predictions_and_no_positives():
+    """On random predictions every loss is finite and backward gives finite gradients (one image has no objects).
+    Deltas that decode exactly to the objects give box loss 0, and centerness logits equal to logit(target) give the
+    centerness loss its floor, the mean binary entropy of the targets. A batch with no object at all gives box and
+    centerness losses of exactly 0 that backward() accepts, and a finite classification loss."""
+    lvls = anchors(SIZES, STRIDES)
+    A, K = sum(h * w for h, w in SIZES), 3
+    targets = [(torch.tensor([[20., 24., 60., 70.], [70., 60., 120., 110.]]), torch.tensor([0, 2])),
+               (torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))]
+    cls = torch.randn(2, A, K, requires_grad=True)
+    deltas = torch.randn(2, A, 4, requires_grad=True)
+    ctr = torch.randn(2, A, requires_grad=True)
+    losses = atss_losses(cls, deltas, ctr, lvls, targets)
+    assert set(losses) == {"cls", "box", "centerness"} and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in (cls, deltas, ctr))
+
+    # perfect box deltas and centerness logits for image 0's positives
+    all_anchors = torch.cat(lvls)
+    _, matched = atss_assign(lvls, *targets[0])
+    pos = matched >= 0
+    gt = targets[0][0][matched[pos]]
+    ctr_t = centerness_targets(all_anchors[pos], gt)
+    perfect_deltas, perfect_ctr = torch.zeros(2, A, 4), torch.zeros(2, A)
+    perfect_deltas[0, pos] = encode(all_anchors[pos], gt)
+    perfect_ctr[0, pos] = torch.logit(ctr_t)
+    losses = atss_losses(cls.detach(), perfect_deltas, perfect_ctr, lvls, targets)
+    assert losses["box"].abs() < 1e-4
+    entropy = -(ctr_t * ctr_t.log() + (1 - ctr_t) * (1 - ctr_t).log()).mean()
+    torch.testing.assert_close(losses["centerness"], entropy)
+
+    empty = [targets[1], targets[1]]
+    deltas.grad = ctr.grad = None
+    losses = atss_losses(cls, deltas, ctr, lvls, empty)
+    assert losses["box"].item() == 0 and losses["centerness"].item() == 0 and torch.isfinite(losses["cls"])
+    sum(losses.values()).backward()
+    assert (deltas.grad == 0).all() and (ctr.grad == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------------- postprocess
+
+def test_postprocess_hand_built():
+    """Anchors of a 64x64 image at strides 8 and 16 (80 anchors, 3 classes), everything at logit -10 except:
+    A level-1 cell (0, 0), class 0, cls 4 ctr 2: anchor (-56, -56, 72, 72), clipped to the image (0, 0, 64, 64).
+    B level-0 cell (3, 3), class 1, cls 3 ctr 0: anchor (-4, -4, 60, 60) -> (0, 0, 60, 60).
+    C level-0 cell (3, 4), class 1, cls 2: overlaps B with IoU 0.78 > 0.6 in the same class -> suppressed.
+    D the same cell as C, class 2, cls 1: another class, so NMS keeps it; (4, -4, 68, 60) -> (4, 0, 64, 60).
+    E level-1 cell (1, 1), class 2, cls 0.5, deltas shrink the 128-px anchor 4x about its centre -> (8, 8, 40, 40).
+    F level-0 cell (7, 7), class 0, probability 0.06 > 0.05 but ctr -10: kept, since the threshold reads the class
+      probability alone; its score 0.06 * sigmoid(-10) is tiny.
+    G level-0 cell (1, 2), class 1, probability 0.04 with ctr 10: not a candidate, though its score would beat F's.
+    Scores are sigmoid(cls) * sigmoid(ctr) (no square root), detections by decreasing score. Then max_detections
+    caps the list and pre_nms_top_n=1 keeps only each level's best; a second image with no candidate is empty."""
+    lvls = anchors([(8, 8), (4, 4)], [8, 16])
+    A = 64 + 16
+    cls = torch.full((2, A, 3), -10.0)
+    ctr = torch.zeros(2, A)
+    deltas = torch.zeros(2, A, 4)
+    A_, B_, C_, E_, F_, G_ = 64 + 0, 3 * 8 + 3, 3 * 8 + 4, 64 + 1 * 4 + 1, 7 * 8 + 7, 1 * 8 + 2
+    cls[0, A_, 0], ctr[0, A_] = 4.0, 2.0
+    cls[0, B_, 1] = 3.0
+    cls[0, C_, 1] = 2.0
+    cls[0, C_, 2] = 1.0
+    cls[0, E_, 2] = 0.5
+    deltas[0, E_] = torch.tensor([0.0, 0.0, 5 * math.log(0.25), 5 * math.log(0.25)])
+    cls[0, F_, 0], ctr[0, F_] = math.log(0.06 / 0.94), -10.0
+    cls[0, G_, 1], ctr[0, G_] = math.log(0.04 / 0.96), 10.0
+
+    s = torch.sigmoid
+    expected_boxes = torch.tensor([[0., 0, 64, 64], [0, 0, 60, 60], [4, 0, 64, 60], [8, 8, 40, 40], [28, 28, 64, 64]])
+    expected_scores = torch.stack([s(torch.tensor(4.)) * s(torch.tensor(2.)), s(torch.tensor(3.)) * 0.5,
+                                   s(torch.tensor(1.)) * 0.5, s(torch.tensor(.5)) * 0.5,
+                                   torch.tensor(0.06) * s(torch.tensor(-10.))])
+    (boxes, scores, labels), (b2, s2, l2) = postprocess(cls, deltas, ctr, lvls, (64, 64))
+    torch.testing.assert_close(boxes, expected_boxes, rtol=0, atol=1e-4)
+    torch.testing.assert_close(scores, expected_scores)
+    assert labels.tolist() == [0, 1, 2, 2, 0]
+    assert b2.shape == (0, 4) and s2.shape == (0,) and l2.shape == (0,)
+
+    boxes, scores, labels = postprocess(cls, deltas, ctr, lvls, [(64, 64), (64, 64)], max_detections=2)[0]
+    assert labels.tolist() == [0, 1]
+    torch.testing.assert_close(boxes, expected_boxes[:2], rtol=0, atol=1e-4)
+    boxes, scores, labels = postprocess(cls, deltas, ctr, lvls, (64, 64), pre_nms_top_n=1)[0]
+    assert labels.tolist() == [0, 1]                                       # level 1's best is A, level 0's is B
+    torch.testing.assert_close(scores, expected_scores[:2])
+
+
+def test_postprocess_clips_after_nms():
+    """Boxes are clipped after NMS, as detectron2's detector_postprocess does: (-60, 0, 40, 40) and (0, 0, 40, 40) in
+    one class overlap with IoU 0.4 < 0.6, so both survive, and clipping then makes them the same box."""
+    lvls = anchors([(8, 8)], [8])
+    cls, ctr, deltas = torch.full((1, 64, 1), -10.0), torch.zeros(1, 64), torch.zeros(1, 64, 4)
+    cls[0, 0, 0], cls[0, 2 * 8 + 2, 0] = 2.0, 1.0
+    # anchor (0, 0) is centred at (4, 4), anchor (2, 2) at (20, 20), both 64 px wide
+    deltas[0, 0] = torch.tensor([10 * -14 / 64, 10 * 16 / 64, 5 * math.log(100 / 64), 5 * math.log(40 / 64)])
+    deltas[0, 2 * 8 + 2] = torch.tensor([0.0, 0.0, 5 * math.log(40 / 64), 5 * math.log(40 / 64)])
+    boxes, scores, labels = postprocess(cls, deltas, ctr, lvls, (64, 64))[0]
+    torch.testing.assert_close(boxes, torch.tensor([[0., 0, 40, 40]] * 2), rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------- overfit
+
+def test_head_overfits_two_objects():
+    """ATSSHead (1x1 predictors and 256 channels, as the reference) on fixed random features of a 128x128 image learns
+    two objects of different classes with Adam: the classification + box loss falls more than 5x in 200 steps, the
+    centerness loss comes within 0.05 of its floor (the entropy of its targets, which no prediction beats), and
+    postprocess's two best detections are the two objects, right class, IoU > 0.5. (A 1x1 predictor is a linear map
+    per location: 256 random channels separate the 336 locations, 32 would not.)"""
+    lvls = anchors(SIZES, STRIDES)
+    features = [torch.randn(1, 256, h, w) for h, w in SIZES]
+    gt_boxes, gt_labels = torch.tensor([[20., 24., 60., 70.], [70., 60., 120., 110.]]), torch.tensor([0, 2])
+    head = ATSSHead(256, 3, len(SIZES))
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+
+    def step():
+        losses = atss_losses(*head(features), lvls, [(gt_boxes, gt_labels)])
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+        return losses
+
+    first = step()
+    for _ in range(199):
+        last = step()
+    _, matched = atss_assign(lvls, gt_boxes, gt_labels)
+    ctr_t = centerness_targets(torch.cat(lvls)[matched >= 0], gt_boxes[matched[matched >= 0]])
+    floor = -(ctr_t * ctr_t.log() + (1 - ctr_t) * (1 - ctr_t).log()).mean()
+    assert (first["cls"] + first["box"]) > 5 * (last["cls"] + last["box"])
+    assert last["centerness"] < floor + 0.05
+
+    with torch.no_grad():
+        boxes, scores, labels = postprocess(*head(features), lvls, IMAGE)[0]
+    assert len(boxes) >= 2
+    ious = tv.box_iou(boxes[:2], gt_boxes)                                 # (2 best, 2 objects)
+    best = ious.argmax(1)
+    assert sorted(best.tolist()) == [0, 1]
+    assert (ious.max(1).values > 0.5).all()
+    assert labels[:2].tolist() == gt_labels[best].tolist()
