@@ -13,17 +13,23 @@ towers name each class-agnostic box for zero-shot detection. Read it top to bott
   3. The feature pyramid (FPN) on the CoSwin stages.
   4. The Dynamic Head block: scale-, spatial- and task-aware attention, stacked.
   5. ATSS: anchors, adaptive training sample selection, focal / GIoU / centerness losses, decoding.
-  6. Zero-shot detection with the UniCL towers; the stage protocol for train.py.                  (not yet written)
+  6. The detector and the stage protocol for train.py (python train.py --stage det).
+  7. Zero-shot detection with the UniCL towers.                                                   (not yet written)
 """
 import json
 import math
 import os
 import tempfile
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+
+import coswin
+import data
 
 
 def _pair(value, name):
@@ -928,3 +934,245 @@ def postprocess(cls_logits, box_deltas, centerness, anchors_per_level, image_siz
         nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         results.append((boxes[nonempty], scores[nonempty], labels[nonempty]))
     return results
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. The detector and the stage that `python train.py --stage det` drives (CONFIGS, TRAIN, build_*, collate,
+# compute_loss, evaluate). CoSwin's stage maps -> FPN -> Dynamic Head -> ATSS predictors (Florence section 2.4).
+
+@dataclass
+class DetConfig:
+    backbone: str = "toy"        # a coswin.CONFIGS name
+    img_size: int = 96           # images are resized to img_size x img_size, their boxes with them
+    channels: int = 64           # FPN and Dynamic Head width (the paper: 256)
+    num_blocks: int = 2          # Dynamic Head blocks (the paper: 6)
+    skip_stages: int = 0         # finest backbone stages left out of the pyramid (ATSS on Swin: 1, it starts at P3)
+    extra_levels: int = 0        # pyramid levels below the backbone's coarsest (ATSS: 2, P6 and P7)
+    anchor_scale: float = 8.0    # anchor side in strides (ATSS: 8)
+    topk: int = 9                # ATSS candidates per level and object
+    class_agnostic: bool = False # one class, "object": proposals for zero-shot detection
+    init_from: str = ""          # a train.py UniCL checkpoint whose image tower initialises the backbone
+    # data: "shapes" (the built-in world, classes = its 6 shapes) or a COCO instances .json
+    data: str = "shapes"
+    val_data: str = ""           # a COCO instances .json; for "shapes" the val split is used
+    image_root: str = ""         # folder of the images of a COCO file ("" = the file's folder)
+    train_size: int = 20000      # Shapes world: distinct training images
+    val_size: int = 500          # Shapes world: val images; 0 = no eval
+    max_objects: int = 3         # Shapes world: 1..max_objects shapes per image
+    score_thresh: float = 0.05   # inference: see postprocess
+    nms_thresh: float = 0.6
+    max_detections: int = 100
+    eval_batch_size: int = 50
+
+
+CONFIGS = {
+    # CPU toy: the UniCL toy's CoSwin (conv stem, strides 8 / 16 / 32: 12 x 12, 6 x 6, 3 x 3 maps at 96 px), a
+    # 2-block Dynamic Head of width 64; anchors of 4 strides (32, 64, 128 px), as Shapes-world objects are 8-50 px
+    "toy": DetConfig(anchor_scale=4.0),
+    # the paper's adapter: 6 blocks of 256 channels on P3-P7 of CoSwin-T / CoSwin-H (Florence section 2.4)
+    "T": DetConfig(backbone="T", img_size=800, channels=256, num_blocks=6, skip_stages=1, extra_levels=2, data="",
+                   train_size=0, val_size=0),
+    "H": DetConfig(backbone="H", img_size=800, channels=256, num_blocks=6, skip_stages=1, extra_levels=2, data="",
+                   train_size=0, val_size=0),
+}
+
+# Optimisation settings per named config (train.py TrainConfig fields)
+TRAIN = {
+    "toy": dict(batch_size=32, max_iters=1500, lr=1e-3, warmup_iters=100, weight_decay=0.05, log_interval=50,
+                ckpt_interval=250),
+    "T": dict(batch_size=16, max_iters=90000, lr=1e-4, warmup_iters=1000, weight_decay=0.05),
+    "H": dict(batch_size=16, max_iters=90000, lr=1e-4, warmup_iters=1000, weight_decay=0.05),
+}
+
+
+class Detector(nn.Module):
+    """images (B, 3, S, S) -> (class logits (B, A, K), box deltas (B, A, 4), centerness logits (B, A), anchors
+    [(A_l, 4)]). The anchors come out of forward so that a DDP- or compile-wrapped model needs no attribute access."""
+
+    def __init__(self, cfg: DetConfig, num_classes: int):
+        super().__init__()
+        if cfg.backbone not in coswin.CONFIGS:
+            raise ValueError(f"unknown backbone {cfg.backbone!r}; valid: {', '.join(coswin.CONFIGS)}")
+        bcfg = coswin.CONFIGS[cfg.backbone]
+        self.cfg = cfg
+        self.backbone = coswin.CoSwin(replace(bcfg, num_classes=0))
+        first_stride = 2 ** len(bcfg.stem) if bcfg.stem else (4 if bcfg.embed == "conv" else bcfg.patch_size)
+        used = range(cfg.skip_stages, len(bcfg.depths))
+        self.strides = [first_stride * 2 ** i for i in used] + [first_stride * 2 ** (len(bcfg.depths) - 1 + j)
+                                                                  for j in range(1, cfg.extra_levels + 1)]
+        self.fpn = FPN(tuple(self.backbone.feature_channels[i] for i in used), cfg.channels, cfg.extra_levels)
+        self.head = DynamicHead(cfg.channels, cfg.num_blocks)
+        self.predictor = ATSSHead(cfg.channels, num_classes, len(self.strides))
+
+    def forward(self, images):
+        levels = self.head(self.fpn(self.backbone.forward_features(images)[self.cfg.skip_stages:]))
+        cls, deltas, ctr = self.predictor(levels)
+        sizes = [tuple(level.shape[-2:]) for level in levels]
+        return cls, deltas, ctr, anchors(sizes, self.strides, self.cfg.anchor_scale, device=images.device)
+
+    def set_grad_checkpointing(self, enable=True):
+        self.backbone.set_grad_checkpointing(enable)
+
+
+def class_names(cfg: DetConfig):
+    """The label set: "object" alone when class-agnostic, else the Shapes world's shapes or the COCO file's
+    categories (sorted by id)."""
+    if cfg.class_agnostic:
+        return ["object"]
+    if cfg.data == "shapes":
+        return list(data.SHAPES)
+    dataset, _ = read_coco(cfg.data)
+    return [c["name"] for c in sorted(dataset["categories"], key=lambda c: c["id"])]
+
+
+def build_tokenizer(cfg: DetConfig):
+    return None  # boxes need no text; zero-shot detection brings the UniCL tokenizer
+
+
+def build_model(cfg: DetConfig, tokenizer) -> Detector:
+    model = Detector(cfg, len(class_names(cfg)))
+    if cfg.init_from:
+        load_image_tower(model.backbone, cfg.init_from, cfg.backbone)
+    return model
+
+
+def load_image_tower(backbone, path, name):
+    """Copy a train.py UniCL checkpoint's CoSwin (model.visual.*) into the detector's backbone, strictly."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--init_from {path!r}: no such file")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    stage = ckpt.get("train_config", {}).get("stage") if isinstance(ckpt, dict) else None
+    if stage != "unicl":
+        raise ValueError(f"--init_from {path!r} is not a train.py checkpoint of the unicl stage (stage: {stage!r})")
+    encoder = ckpt["stage_config"].get("image_encoder")
+    if encoder != name:
+        raise ValueError(f"--init_from {path!r} holds a CoSwin {encoder!r}, the detector's backbone is {name!r}")
+    tower = {k[len("visual."):]: v for k, v in ckpt["model"].items() if k.startswith("visual.")}
+    backbone.load_state_dict(tower)
+
+
+class CocoImages:
+    """A COCO instances file as raw samples: {"image": PIL image, "image_id", "objects": [{"box": x0 y0 x1 y1 in
+    pixels, "label": index into the sorted categories}]}. Boxes read_coco finds degenerate are skipped and counted."""
+
+    def __init__(self, path, image_root=None):
+        self.path = path
+        self.dataset, self.skipped = read_coco(path)
+        self.root = image_root or os.path.dirname(os.path.abspath(path))
+        label = {c["id"]: i for i, c in enumerate(sorted(self.dataset["categories"], key=lambda c: c["id"]))}
+        self.images = sorted(self.dataset["images"], key=lambda im: im["id"])
+        self.objects = {im["id"]: [] for im in self.images}
+        for ann in self.dataset["annotations"]:
+            if ann.get("iscrowd", 0):
+                continue  # crowd regions are not objects to learn; coco_eval ignores detections on them
+            x, y, w, h = ann["bbox"]
+            self.objects[ann["image_id"]].append({"box": [x, y, x + w, y + h], "label": label[ann["category_id"]]})
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        info = self.images[index]
+        if "file_name" not in info:
+            raise data.DataError(f"{self.path}: image id {info['id']}: missing field 'file_name'")
+        image = data.load_image(os.path.join(self.root, info["file_name"]), f"{self.path}: image id {info['id']}")
+        return {"image": image, "image_id": info["id"], "objects": self.objects[info["id"]]}
+
+
+def build_datasets(cfg: DetConfig, seed: int, skip_bad: bool = False):
+    """-> (train, val or None) of raw samples: Shapes-world dicts or CocoImages rows."""
+    if cfg.data == "shapes":
+        world = dict(size=cfg.img_size, seed=seed, max_objects=cfg.max_objects, ocr_prob=0.0)
+        return (data.ShapesWorld("train", n=cfg.train_size, **world),
+                data.ShapesWorld("val", n=cfg.val_size, **world) if cfg.val_size else None)
+    if not cfg.data:
+        raise ValueError("config field 'data' is empty: pass --data=shapes or --data=instances.json")
+    root = cfg.image_root or None
+    return CocoImages(cfg.data, root), (CocoImages(cfg.val_data, root) if cfg.val_data else None)
+
+
+def sample_objects(sample, cfg: DetConfig):
+    """[(box x0 y0 x1 y1 in the sample's pixels, label)] of a raw sample."""
+    if "image_id" in sample:  # a CocoImages row
+        return [(o["box"], 0 if cfg.class_agnostic else o["label"]) for o in sample["objects"]]
+    return [(o["box"], 0 if cfg.class_agnostic else data.SHAPES.index(o["category"])) for o in sample["objects"]]
+
+
+def preprocess(image, size):
+    """RGB, resized to size x size (bilinear), normalised as the UniCL towers were trained -> (3, size, size)."""
+    return data.to_tensor(data.to_rgb(image).resize((size, size), Image.BILINEAR), data.CLIP_MEAN, data.CLIP_STD)
+
+
+def collate(samples, tokenizer, cfg: DetConfig, rngs=None, progress=None):
+    """Raw samples -> {"images" (B, 3, S, S), "boxes" (B, N, 4) in input pixels, "labels" (B, N), -1 = padding}."""
+    S = cfg.img_size
+    images = torch.stack([preprocess(s["image"], S) for s in samples])                       # (B, 3, S, S)
+    objects = [sample_objects(s, cfg) for s in samples]
+    N = max(1, max(map(len, objects)))
+    boxes, labels = torch.zeros(len(samples), N, 4), torch.full((len(samples), N), -1)
+    for b, (sample, objs) in enumerate(zip(samples, objects)):
+        W, H = sample["image"].size
+        scale = torch.tensor([S / W, S / H, S / W, S / H])
+        for j, (box, label) in enumerate(objs):
+            boxes[b, j], labels[b, j] = torch.tensor(box, dtype=torch.float32) * scale, label
+    return {"images": images, "boxes": boxes, "labels": labels}
+
+
+def compute_loss(model, batch):
+    """The ATSS losses (focal + GIoU + centerness) of the batch."""
+    cls, deltas, ctr, anchors_per_level = model(batch["images"])
+    targets = [(boxes[labels >= 0], labels[labels >= 0]) for boxes, labels in zip(batch["boxes"], batch["labels"])]
+    losses = atss_losses(cls.float(), deltas.float(), ctr.float(), anchors_per_level, targets)
+    return sum(losses.values()), {k: v.item() for k, v in losses.items()}
+
+
+@torch.no_grad()
+def detect(model, images, cfg: DetConfig, batch_size=50):
+    """PIL images -> [(boxes (n, 4) x0 y0 x1 y1 in each image's own pixels, scores (n,), labels (n,))]."""
+    device = next(model.parameters()).device
+    S, out = cfg.img_size, []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        pixels = torch.stack([preprocess(im, S) for im in chunk]).to(device)                # (b, 3, S, S)
+        cls, deltas, ctr, anchors_per_level = model(pixels)
+        found = postprocess(cls.float(), deltas.float(), ctr.float(), anchors_per_level, (S, S), cfg.score_thresh,
+                            nms_thresh=cfg.nms_thresh, max_detections=cfg.max_detections)
+        for im, (boxes, scores, labels) in zip(chunk, found):
+            W, H = im.size
+            out.append((boxes.cpu() * torch.tensor([W / S, H / S, W / S, H / S]), scores.cpu(), labels.cpu()))
+    return out
+
+
+def coco_ground_truth(samples, cfg: DetConfig):
+    """Raw samples -> a COCO instances dict (image ids 1.., annotation ids 1..; area = box area)."""
+    names = class_names(cfg)
+    images, annotations = [], []
+    for i, sample in enumerate(samples, 1):
+        W, H = sample["image"].size
+        images.append({"id": i, "width": W, "height": H})
+        for box, label in sample_objects(sample, cfg):
+            w, h = box[2] - box[0], box[3] - box[1]
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": label + 1,
+                                "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": 0})
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": k + 1, "name": n} for k, n in enumerate(names)]}
+
+
+def to_coco_results(found, image_ids):
+    """detect()'s output -> detections in the COCO results format (category ids = label + 1)."""
+    return [{"image_id": image_id, "category_id": int(label) + 1, "score": float(score),
+             "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]}
+            for image_id, (boxes, scores, labels) in zip(image_ids, found)
+            for (x0, y0, x1, y1), score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist())]
+
+
+@torch.no_grad()
+def evaluate(model, val, tokenizer, cfg: DetConfig):
+    """COCO box AP of the detector on the val set (coco_eval: AP, AP50, AP75, APs, APm, APl, AR100)."""
+    was_training = model.training
+    model.eval()
+    samples = [s for s in (val[i] for i in range(len(val))) if s is not None]
+    found = detect(model, [s["image"] for s in samples], cfg, cfg.eval_batch_size)
+    stats = coco_eval(coco_ground_truth(samples, cfg), to_coco_results(found, range(1, len(samples) + 1)))
+    model.train(was_training)
+    return {k: stats[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")}

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DataError
 
-STAGES = ("unicl", "florence2")
+STAGES = {"unicl": "unicl", "florence2": "florence2", "det": "dyhead"}  # stage name -> its file
 
 
 @dataclass
@@ -108,7 +108,7 @@ def convert(key, value, default):
 def load_stage(name):
     if name not in STAGES:
         raise SystemExit(f"error: unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
-    return importlib.import_module(name)
+    return importlib.import_module(STAGES[name])
 
 
 def build_configs(flags, base_train=None, base_stage=None):
