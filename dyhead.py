@@ -786,8 +786,18 @@ def atss_assign(anchors_per_level, gt_boxes, gt_labels, topk=9):
 # centerness target and divided by the sum of those targets, so well-centred anchors dominate the regression.
 # Centerness (FCOS, Tian et al. 2019, Eq. 3): a logit per anchor trained with BCE towards
 # sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)), l, t, r, b measured from the anchor centre to the object's
-# sides, averaged over positives. The reference all-reduces the positive count and the centerness sum over GPUs; here
-# both are this process's (batch) sums.
+# sides, averaged over positives. As in the reference, the positive count and the centerness sum are taken over all
+# processes and divided by their number: DDP then averages the processes' gradients into those of the global batch.
+
+def per_process_share(total):
+    """A batch statistic summed over the DDP processes and divided by their number (the statistic itself outside
+    DDP), so that each process's loss is its sum over the global normaliser times the number of processes."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return total
+    total = total.detach().clone()
+    torch.distributed.all_reduce(total)
+    return total / torch.distributed.get_world_size()
+
 
 def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
     """Focal loss summed over all elements (torchvision.ops.sigmoid_focal_loss with reduction="sum"). logits and
@@ -843,7 +853,7 @@ def atss_losses(cls_logits, box_deltas, centerness, anchors_per_level, targets, 
         labels = torch.stack(labels)                                                         # (B, A)
         gt_per_anchor = torch.stack(gt_per_anchor)                                           # (B, A, 4)
         positive = labels >= 0                                                               # (B, A)
-        num_pos = max(int(positive.sum()), 1)
+        num_pos = max(per_process_share(positive.sum().float()).item(), 1.0)
         cls_targets = F.one_hot(labels.clamp(min=0), K) * positive[..., None]                # (B, A, K)
 
     cls_loss = sigmoid_focal_loss(cls_logits, cls_targets.to(cls_logits), alpha, gamma) / num_pos
@@ -855,7 +865,8 @@ def atss_losses(cls_logits, box_deltas, centerness, anchors_per_level, targets, 
         return dict(cls=cls_loss, box=pos_deltas.sum(), centerness=pos_ctr_logits.sum())    # empty sums: 0
     # the reference encodes the object as deltas and decodes it back; reading the object directly is the same box
     ctr_targets = centerness_targets(pos_anchors, pos_gt)                                    # (P,)
-    box_loss = (giou_loss(decode(pos_deltas, pos_anchors), pos_gt) * ctr_targets).sum() / ctr_targets.sum()
+    box_loss = (giou_loss(decode(pos_deltas, pos_anchors), pos_gt) * ctr_targets).sum() / per_process_share(
+        ctr_targets.sum())
     ctr_loss = F.binary_cross_entropy_with_logits(pos_ctr_logits, ctr_targets, reduction="sum") / num_pos
     return dict(cls=cls_loss, box=box_loss_weight * box_loss, centerness=ctr_loss)
 

@@ -1,7 +1,8 @@
 """Side-by-side CPU speed of our models against the reference libraries, with the same weights, in one run.
 
     python tests/bench.py            # every benchmark
-    python tests/bench.py coswin     # one (names: the bench_* functions below, without the prefix)
+    python tests/bench.py coswin     # one (names: the bench_* functions below, without the prefix: coswin,
+                                     # florence2, dyhead)
 
 Each benchmark alternates ours and the reference call by call (so load from other processes hits both alike), after
 warm-up, and reports medians, the ratio ours / reference (goal <= 1.0) and the median and range of the rounds'
@@ -174,6 +175,69 @@ def bench_florence2():
         lengths = out["ours"].shape[1] - 1, out["transformers"].shape[1] - 1
         report(f"florence2 {'greedy' if beams == 1 else f'{beams}-beam'} generation, new tokens ours/transformers "
                f"{lengths[0]}/{lengths[1]}, ids identical: {same}", timing, "transformers")
+
+
+def bench_dyhead():
+    """dyhead's from-scratch operators vs torchvision's compiled ones and pycocotools: deform_conv2d forward +
+    backward (batch 2, 64 channels, 32 x 32, 3x3, with mask, the Dynamic Head's shape at a small level), nms on
+    2,000 boxes, and coco_eval vs COCOeval (evaluate + accumulate + summarize) on 200 images x 5 objects x 100
+    detections."""
+    import contextlib
+    import io
+    import random
+
+    import torchvision.ops as tv
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    import dyhead
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 32, 32, requires_grad=True)
+    w = (torch.randn(64, 64, 3, 3) * 0.05).requires_grad_()
+    offset = (torch.randn(2, 18, 32, 32) * 2).requires_grad_()
+    mask = torch.rand(2, 9, 32, 32, requires_grad=True)
+
+    def dcn(fn):
+        def step():
+            for t in (x, w, offset, mask):
+                t.grad = None
+            fn(x, offset, w, padding=1, mask=mask).sum().backward()
+        return step
+    report("deform_conv2d forward + backward", time_alternating(dcn(dyhead.deform_conv2d), dcn(tv.deform_conv2d)),
+           "torchvision")
+
+    xy = torch.rand(2000, 2) * 300
+    boxes = torch.cat([xy, xy + 20 + torch.rand(2000, 2) * 60], 1)
+    scores = torch.rand(2000)
+    report("nms, 2000 boxes", time_alternating(lambda: dyhead.nms(boxes, scores, 0.5),
+                                               lambda: tv.nms(boxes, scores, 0.5), reps=15), "torchvision")
+
+    rng = random.Random(0)
+    images, annotations, detections = [], [], []
+    for i in range(1, 201):
+        images.append({"id": i, "width": 640, "height": 480})
+        for _ in range(5):
+            bx, by, bw, bh = rng.uniform(0, 500), rng.uniform(0, 380), rng.uniform(8, 140), rng.uniform(8, 100)
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": rng.randint(1, 5),
+                                "bbox": [bx, by, bw, bh], "area": bw * bh, "iscrowd": 0})
+            for _ in range(20):  # detections scattered around each object
+                detections.append({"image_id": i, "category_id": rng.randint(1, 5), "score": rng.random(),
+                                   "bbox": [bx + rng.gauss(0, 8), by + rng.gauss(0, 8), bw * rng.uniform(0.7, 1.3),
+                                            bh * rng.uniform(0.7, 1.3)]})
+    gt = {"images": images, "annotations": annotations, "categories": [{"id": k} for k in range(1, 6)]}
+
+    def pycocotools_eval():
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_gt = COCO()
+            coco_gt.dataset = gt
+            coco_gt.createIndex()
+            ev = COCOeval(coco_gt, coco_gt.loadRes(detections), "bbox")
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+    report("coco_eval, 200 images", time_alternating(lambda: dyhead.coco_eval(gt, detections), pycocotools_eval,
+                                                     warmup=1, reps=5), "pycocotools")
 
 
 BENCHES = {name[len("bench_"):]: fn for name, fn in dict(globals()).items() if name.startswith("bench_")}
