@@ -1064,7 +1064,9 @@ def load_image_tower(backbone, path, name):
 
 class CocoImages:
     """A COCO instances file as raw samples: {"image": PIL image, "image_id", "objects": [{"box": x0 y0 x1 y1 in
-    pixels, "label": index into the sorted categories}]}. Boxes read_coco finds degenerate are skipped and counted."""
+    pixels, "label": index into the sorted categories}]}. Boxes read_coco finds degenerate (NaN, zero or negative
+    size) are skipped and their ids kept in `skipped`; boxes reaching outside an image of known width and height are
+    clipped to it (ids in `clipped`), and skipped if nothing is left."""
 
     def __init__(self, path, image_root=None):
         self.path = path
@@ -1072,12 +1074,21 @@ class CocoImages:
         self.root = image_root or os.path.dirname(os.path.abspath(path))
         label = {c["id"]: i for i, c in enumerate(sorted(self.dataset["categories"], key=lambda c: c["id"]))}
         self.images = sorted(self.dataset["images"], key=lambda im: im["id"])
-        self.objects = {im["id"]: [] for im in self.images}
+        sizes = {im["id"]: (im.get("width"), im.get("height")) for im in self.images}
+        self.objects, self.clipped = {im["id"]: [] for im in self.images}, []
         for ann in self.dataset["annotations"]:
             if ann.get("iscrowd", 0):
                 continue  # crowd regions are not objects to learn; coco_eval ignores detections on them
             x, y, w, h = ann["bbox"]
-            self.objects[ann["image_id"]].append({"box": [x, y, x + w, y + h], "label": label[ann["category_id"]]})
+            box = [x, y, x + w, y + h]
+            W, H = sizes[ann["image_id"]]
+            if W and H and (box[0] < 0 or box[1] < 0 or box[2] > W or box[3] > H):
+                box = [min(max(box[0], 0), W), min(max(box[1], 0), H), min(max(box[2], 0), W), min(max(box[3], 0), H)]
+                if box[2] <= box[0] or box[3] <= box[1]:
+                    self.skipped.append(ann["id"])
+                    continue
+                self.clipped.append(ann["id"])
+            self.objects[ann["image_id"]].append({"box": box, "label": label[ann["category_id"]]})
 
     def __len__(self):
         return len(self.images)

@@ -100,7 +100,7 @@ def main():
     model = build_fcos(cfg).train()
     print(f"FCOS + small CNN + FPN: {sum(q.numel() for q in model.parameters()) / 1e6:.2f}M parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    trained, next_eval, step = 0.0, args.eval_every * 60, 0
+    trained, next_eval, step = 0.0, min(args.eval_every, args.minutes) * 60, 0
     while trained < args.minutes * 60:
         start = time.time()
         for group in opt.param_groups:
@@ -121,11 +121,11 @@ def main():
         trained += time.time() - start
         if step % 50 == 0:
             print(f"step {step} | loss {loss.item():.4f} | {trained / 60:.1f} min", flush=True)
-        if trained >= next_eval or trained >= args.minutes * 60:
+        if trained >= next_eval:
             metrics = evaluate(model, val, cfg)
             print(f"eval | {trained / 60:.1f} min | {step * tcfg.batch_size} samples | "
                   + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
-            next_eval += args.eval_every * 60
+            next_eval = min(next_eval + args.eval_every * 60, args.minutes * 60)
 
 
 if __name__ == "__main__":
