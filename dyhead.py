@@ -14,7 +14,7 @@ towers name each class-agnostic box for zero-shot detection. Read it top to bott
   4. The Dynamic Head block: scale-, spatial- and task-aware attention, stacked.
   5. ATSS: anchors, adaptive training sample selection, focal / GIoU / centerness losses, decoding.
   6. The detector and the stage protocol for train.py (python train.py --stage det).
-  7. Zero-shot detection with the UniCL towers.                                                   (not yet written)
+  7. Zero-shot detection: class-agnostic boxes named by the UniCL towers.
 """
 import json
 import math
@@ -963,6 +963,7 @@ class DetConfig:
     topk: int = 9                # ATSS candidates per level and object
     class_agnostic: bool = False # one class, "object": proposals for zero-shot detection
     init_from: str = ""          # a train.py UniCL checkpoint whose image tower initialises the backbone
+    unicl_ckpt: str = ""         # with class_agnostic on the Shapes world: a UniCL checkpoint that names the boxes
     # data: "shapes" (the built-in world, classes = its 6 shapes) or a COCO instances .json
     data: str = "shapes"
     val_data: str = ""           # a COCO instances .json; for "shapes" the val split is used
@@ -1196,5 +1197,92 @@ def evaluate(model, val, tokenizer, cfg: DetConfig):
     samples = [s for s in (val[i] for i in range(len(val))) if s is not None]
     found = detect(model, [s["image"] for s in samples], cfg, cfg.eval_batch_size)
     stats = coco_eval(coco_ground_truth(samples, cfg), to_coco_results(found, range(1, len(samples) + 1)))
+    metrics = {k: stats[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")}
+    if cfg.unicl_ckpt and cfg.class_agnostic and cfg.data == "shapes":
+        metrics.update(zero_shot_metrics(model, cfg, samples))
     model.train(was_training)
-    return {k: stats[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")}
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 7. Zero-shot detection (Florence section 2.4): a detector trained class-agnostic (--class_agnostic) proposes boxes,
+# and the UniCL towers name each one, as they name a whole image in zero-shot classification: the region, cropped
+# with some of its surroundings and resized to the image tower's input, is matched against the text embeddings of
+# every class name. The detector never sees a class name; the label set is chosen at test time.
+
+def load_unicl(path):
+    """A train.py UniCL checkpoint -> (model in eval mode, tokenizer, its UniCLConfig)."""
+    import unicl
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--unicl_ckpt {path!r}: no such file")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    stage = ckpt.get("train_config", {}).get("stage") if isinstance(ckpt, dict) else None
+    if stage != "unicl":
+        raise ValueError(f"--unicl_ckpt {path!r} is not a train.py checkpoint of the unicl stage (stage: {stage!r})")
+    cfg = unicl.UniCLConfig(**ckpt["stage_config"])
+    tokenizer = unicl.build_tokenizer(cfg)
+    model = unicl.build_model(cfg, tokenizer)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), tokenizer, cfg
+
+
+def region_crops(image, boxes, size, context=2.0):
+    """Square crops of side context x the box's longer side around each box's centre (zero-padded where they leave
+    the image), resized to size x size: the Shapes-world UniCL tower learnt from images where a shape fills about
+    half the frame, so a tight crop would show it a shape bigger than any it has seen."""
+    crops = []
+    for x0, y0, x1, y1 in boxes.tolist():
+        half = context * max(x1 - x0, y1 - y0, 1.0) / 2
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        crops.append(image.crop((round(cx - half), round(cy - half), round(cx + half), round(cy + half)))
+                     .resize((size, size), Image.BILINEAR))
+    return crops
+
+
+@torch.no_grad()
+def zero_shot_detect(detector, cfg: DetConfig, unicl_model, unicl_cfg, tokenizer, images, class_names):
+    """Class-agnostic proposals named by UniCL -> [(boxes, scores, labels)] per image, labels indexing class_names;
+    a detection's score is its proposal score times the probability UniCL gives its class."""
+    import unicl
+    classifier = unicl.zeroshot_classifier(unicl_model, tokenizer, class_names)              # (C, D)
+    transform = data.ImageTransform(unicl_cfg.img_size)
+    out = []
+    for image, (boxes, scores, _) in zip(images, detect(detector, images, cfg, cfg.eval_batch_size)):
+        if len(boxes) == 0:
+            out.append((boxes, scores, torch.zeros(0, dtype=torch.int64)))
+            continue
+        crops = region_crops(data.to_rgb(image), boxes, unicl_cfg.img_size)
+        feats = unicl.encode_images(unicl_model, crops, transform)                           # (n, D)
+        probs = (unicl_model.logit_scale.exp() * feats @ classifier.t()).softmax(-1)         # (n, C)
+        p, labels = probs.max(-1)
+        out.append((boxes, scores * p.cpu(), labels.cpu()))
+    return out
+
+
+def zero_shot_metrics(detector, cfg: DetConfig, samples):
+    """COCO AP of zero-shot detection on Shapes-world samples, with the 6 shape names and with the 36 colour-shape
+    names as the label sets, on all val images and apart on those that hold a colour-shape pair held out of
+    UniCL's training (naming them is zero-shot composition)."""
+    unicl_model, tokenizer, unicl_cfg = load_unicl(cfg.unicl_ckpt)
+    sets = {"shape": ([s for s in data.SHAPES], lambda o: data.SHAPES.index(o["category"])),
+            "pair": ([f"{c} {s}" for c, s in data.compositions()],
+                     lambda o: data.compositions().index((o["color"], o["category"])))}
+    held = [any((o["color"], o["category"]) in data.HELDOUT for o in s["objects"]) for s in samples]
+    metrics = {}
+    for name, (names, label_of) in sets.items():
+        found = zero_shot_detect(detector, cfg, unicl_model, unicl_cfg, tokenizer, [s["image"] for s in samples],
+                                 names)
+        for part, keep in (("", None), ("_seen", False), ("_heldout", True)):
+            idx = [i for i, h in enumerate(held) if keep is None or h == keep]
+            gt = {"images": [], "annotations": [], "categories": [{"id": k + 1} for k in range(len(names))]}
+            for j, i in enumerate(idx, 1):
+                W, H = samples[i]["image"].size
+                gt["images"].append({"id": j, "width": W, "height": H})
+                for o in samples[i]["objects"]:
+                    x0, y0, x1, y1 = o["box"]
+                    gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": j, "iscrowd": 0,
+                                              "category_id": label_of(o) + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                              "area": (x1 - x0) * (y1 - y0)})
+            stats = coco_eval(gt, to_coco_results([found[i] for i in idx], range(1, len(idx) + 1)))
+            metrics[f"zeroshot_{name}{part}_AP"], metrics[f"zeroshot_{name}{part}_AP50"] = stats["AP"], stats["AP50"]
+    return metrics

@@ -1078,3 +1078,32 @@ def test_default_det_run_reaches_the_issue_bar(tmp_path):
     images (README "Results")."""
     metrics = train.main(["--stage", "det", f"--out_dir={tmp_path}"])
     assert metrics["AP"] >= 0.90, metrics
+
+
+def test_region_crops_centre_the_box_with_context():
+    """A region crop is a square of twice the box's longer side around its centre, zero outside the image, so the
+    shape keeps the share of the frame UniCL saw in training."""
+    image = Image.new("RGB", (40, 40), (255, 255, 255))
+    image.paste((255, 0, 0), (10, 14, 20, 20))  # a red 10 x 6 box at x 10-20, y 14-20
+    crop, = dyhead.region_crops(image, torch.tensor([[10.0, 14.0, 20.0, 20.0]]), size=20)
+    pixels = np.asarray(crop)
+    assert crop.size == (20, 20) and (pixels[10, 10] == (255, 0, 0)).all()  # the centre is the box's
+    assert (pixels[10, 3] == 255).all() and (pixels[3, 10] == 255).all()    # around it, the white image
+    edge, = dyhead.region_crops(image, torch.tensor([[0.0, 0.0, 10.0, 10.0]]), size=20)
+    assert (np.asarray(edge)[0, 0] == 0).all()  # beyond the image's corner: zero padding
+
+
+def test_zero_shot_detection_runs_end_to_end(tmp_path):
+    """--class_agnostic --unicl_ckpt: evaluation adds zero-shot AP with the 6 shape names and the 36 colour-shape
+    names, on all val images and apart on seen and held-out pairs; every figure is a valid AP. (What it reaches after
+    full training is in the README.)"""
+    train.main(["--max_iters=1", "--batch_size=4", "--val_size=0", "--train_size=8", f"--out_dir={tmp_path / 'u'}"])
+    metrics = train.main([*TINY_DET, "--class_agnostic", "--max_iters=2", "--batch_size=4", "--val_size=12",
+                          "--score_thresh=0.0", f"--unicl_ckpt={tmp_path / 'u' / 'ckpt.pt'}",
+                          f"--out_dir={tmp_path / 'd'}"])
+    for name in ("shape", "pair"):
+        for part in ("", "_seen", "_heldout"):
+            for k in ("AP", "AP50"):
+                assert -1 <= metrics[f"zeroshot_{name}{part}_{k}"] <= 1, metrics
+    with pytest.raises(ValueError, match="not a train.py checkpoint of the unicl stage"):
+        dyhead.load_unicl(str(tmp_path / "d" / "ckpt.pt"))
