@@ -1240,9 +1240,10 @@ def region_crops(image, boxes, size, context=2.0):
 
 
 @torch.no_grad()
-def zero_shot_detect(detector, cfg: DetConfig, unicl_model, unicl_cfg, tokenizer, images, class_names):
+def zero_shot_detect(detector, cfg: DetConfig, unicl_model, unicl_cfg, tokenizer, images, class_names, groups=None):
     """Class-agnostic proposals named by UniCL -> [(boxes, scores, labels)] per image, labels indexing class_names;
-    a detection's score is its proposal score times the probability UniCL gives its class."""
+    a detection's score is its proposal score times the probability UniCL gives its class. groups: the label of each
+    class name when several names make one label (their probabilities add up), else None."""
     import unicl
     classifier = unicl.zeroshot_classifier(unicl_model, tokenizer, class_names)              # (C, D)
     transform = data.ImageTransform(unicl_cfg.img_size)
@@ -1254,6 +1255,9 @@ def zero_shot_detect(detector, cfg: DetConfig, unicl_model, unicl_cfg, tokenizer
         crops = region_crops(data.to_rgb(image), boxes, unicl_cfg.img_size)
         feats = unicl.encode_images(unicl_model, crops, transform)                           # (n, D)
         probs = (unicl_model.logit_scale.exp() * feats @ classifier.t()).softmax(-1)         # (n, C)
+        if groups is not None:
+            index = torch.tensor(groups, device=probs.device)                                # (C,)
+            probs = probs.new_zeros(len(probs), max(groups) + 1).index_add(1, index, probs)  # (n, labels)
         p, labels = probs.max(-1)
         out.append((boxes, scores * p.cpu(), labels.cpu()))
     return out
@@ -1264,17 +1268,21 @@ def zero_shot_metrics(detector, cfg: DetConfig, samples):
     names as the label sets, on all val images and apart on those that hold a colour-shape pair held out of
     UniCL's training (naming them is zero-shot composition)."""
     unicl_model, tokenizer, unicl_cfg = load_unicl(cfg.unicl_ckpt)
-    sets = {"shape": ([s for s in data.SHAPES], lambda o: data.SHAPES.index(o["category"])),
-            "pair": ([f"{c} {s}" for c, s in data.compositions()],
-                     lambda o: data.compositions().index((o["color"], o["category"])))}
+    pairs = data.compositions()
+    # a shape is named through its colour-shape names (prompt ensembling over the world's colour words): the toy's
+    # captions never name a shape without its colour, and "a photo of a small circle." alone embeds poorly
+    sets = {"shape": ([f"{c} {s}" for c, s in pairs], [data.SHAPES.index(s) for _, s in pairs],
+                      lambda o: data.SHAPES.index(o["category"])),
+            "pair": ([f"{c} {s}" for c, s in pairs], None, lambda o: pairs.index((o["color"], o["category"])))}
     held = [any((o["color"], o["category"]) in data.HELDOUT for o in s["objects"]) for s in samples]
     metrics = {}
-    for name, (names, label_of) in sets.items():
+    for name, (names, groups, label_of) in sets.items():
         found = zero_shot_detect(detector, cfg, unicl_model, unicl_cfg, tokenizer, [s["image"] for s in samples],
-                                 names)
+                                 names, groups)
+        n_labels = len(names) if groups is None else max(groups) + 1
         for part, keep in (("", None), ("_seen", False), ("_heldout", True)):
             idx = [i for i, h in enumerate(held) if keep is None or h == keep]
-            gt = {"images": [], "annotations": [], "categories": [{"id": k + 1} for k in range(len(names))]}
+            gt = {"images": [], "annotations": [], "categories": [{"id": k + 1} for k in range(n_labels)]}
             for j, i in enumerate(idx, 1):
                 W, H = samples[i]["image"].size
                 gt["images"].append({"id": j, "width": W, "height": H})
