@@ -1048,14 +1048,21 @@ def build_model(cfg: DetConfig, tokenizer) -> Detector:
     return model
 
 
-def load_image_tower(backbone, path, name):
-    """Copy a train.py UniCL checkpoint's CoSwin (model.visual.*) into the detector's backbone, strictly."""
+def read_unicl_checkpoint(path, flag):
+    """A train.py UniCL checkpoint file -> its dict; a missing file or another stage's checkpoint is named with the
+    flag that gave the path."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--init_from {path!r}: no such file")
+        raise FileNotFoundError(f"{flag} {path!r}: no such file")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     stage = ckpt.get("train_config", {}).get("stage") if isinstance(ckpt, dict) else None
     if stage != "unicl":
-        raise ValueError(f"--init_from {path!r} is not a train.py checkpoint of the unicl stage (stage: {stage!r})")
+        raise ValueError(f"{flag} {path!r} is not a train.py checkpoint of the unicl stage (stage: {stage!r})")
+    return ckpt
+
+
+def load_image_tower(backbone, path, name):
+    """Copy a train.py UniCL checkpoint's CoSwin (model.visual.*) into the detector's backbone, strictly."""
+    ckpt = read_unicl_checkpoint(path, "--init_from")
     encoder = ckpt["stage_config"].get("image_encoder")
     if encoder != name:
         raise ValueError(f"--init_from {path!r} holds a CoSwin {encoder!r}, the detector's backbone is {name!r}")
@@ -1166,19 +1173,17 @@ def detect(model, images, cfg: DetConfig, batch_size=50):
     return out
 
 
-def coco_ground_truth(samples, cfg: DetConfig):
-    """Raw samples -> a COCO instances dict (image ids 1.., annotation ids 1..; area = box area)."""
-    names = class_names(cfg)
+def coco_ground_truth(objects, sizes, num_classes):
+    """objects [[(box x0 y0 x1 y1, label), ...] per image], sizes [(W, H)], labels in range(num_classes) -> a COCO
+    instances dict (image ids 1.., annotation ids 1.., category ids label + 1; area = box area)."""
     images, annotations = [], []
-    for i, sample in enumerate(samples, 1):
-        W, H = sample["image"].size
+    for i, (objs, (W, H)) in enumerate(zip(objects, sizes), 1):
         images.append({"id": i, "width": W, "height": H})
-        for box, label in sample_objects(sample, cfg):
+        for box, label in objs:
             w, h = box[2] - box[0], box[3] - box[1]
             annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": label + 1,
                                 "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": 0})
-    return {"images": images, "annotations": annotations,
-            "categories": [{"id": k + 1, "name": n} for k, n in enumerate(names)]}
+    return {"images": images, "annotations": annotations, "categories": [{"id": k + 1} for k in range(num_classes)]}
 
 
 def to_coco_results(found, image_ids):
@@ -1196,7 +1201,9 @@ def evaluate(model, val, tokenizer, cfg: DetConfig):
     model.eval()
     samples = [s for s in (val[i] for i in range(len(val))) if s is not None]
     found = detect(model, [s["image"] for s in samples], cfg, cfg.eval_batch_size)
-    stats = coco_eval(coco_ground_truth(samples, cfg), to_coco_results(found, range(1, len(samples) + 1)))
+    truth = coco_ground_truth([sample_objects(s, cfg) for s in samples], [s["image"].size for s in samples],
+                              model.predictor.num_classes)
+    stats = coco_eval(truth, to_coco_results(found, range(1, len(samples) + 1)))
     metrics = {k: stats[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")}
     if cfg.unicl_ckpt and cfg.class_agnostic and cfg.data == "shapes":
         metrics.update(zero_shot_metrics(model, cfg, samples))
@@ -1213,12 +1220,7 @@ def evaluate(model, val, tokenizer, cfg: DetConfig):
 def load_unicl(path):
     """A train.py UniCL checkpoint -> (model in eval mode, tokenizer, its UniCLConfig)."""
     import unicl
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--unicl_ckpt {path!r}: no such file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    stage = ckpt.get("train_config", {}).get("stage") if isinstance(ckpt, dict) else None
-    if stage != "unicl":
-        raise ValueError(f"--unicl_ckpt {path!r} is not a train.py checkpoint of the unicl stage (stage: {stage!r})")
+    ckpt = read_unicl_checkpoint(path, "--unicl_ckpt")
     cfg = unicl.UniCLConfig(**ckpt["stage_config"])
     tokenizer = unicl.build_tokenizer(cfg)
     model = unicl.build_model(cfg, tokenizer)
@@ -1240,20 +1242,26 @@ def region_crops(image, boxes, size, context=2.0):
 
 
 @torch.no_grad()
-def zero_shot_detect(detector, cfg: DetConfig, unicl_model, unicl_cfg, tokenizer, images, class_names, groups=None):
-    """Class-agnostic proposals named by UniCL -> [(boxes, scores, labels)] per image, labels indexing class_names;
-    a detection's score is its proposal score times the probability UniCL gives its class. groups: the label of each
-    class name when several names make one label (their probabilities add up), else None."""
+def region_features(images, proposals, unicl_model, unicl_cfg):
+    """UniCL image features of every proposal's crop: [(n_i, D)] per image."""
+    import unicl
+    transform = data.ImageTransform(unicl_cfg.img_size)
+    return [unicl.encode_images(unicl_model, region_crops(data.to_rgb(image), boxes, unicl_cfg.img_size), transform)
+            if len(boxes) else None for image, (boxes, _, _) in zip(images, proposals)]
+
+
+@torch.no_grad()
+def name_regions(proposals, features, unicl_model, tokenizer, class_names, groups=None):
+    """Class-agnostic proposals and their crops' features named by UniCL -> [(boxes, scores, labels)] per image,
+    labels indexing class_names; a detection's score is its proposal score times the probability UniCL gives its
+    class. groups: the label of each class name when several names make one label (their probabilities add up)."""
     import unicl
     classifier = unicl.zeroshot_classifier(unicl_model, tokenizer, class_names)              # (C, D)
-    transform = data.ImageTransform(unicl_cfg.img_size)
     out = []
-    for image, (boxes, scores, _) in zip(images, detect(detector, images, cfg, cfg.eval_batch_size)):
-        if len(boxes) == 0:
+    for (boxes, scores, _), feats in zip(proposals, features):
+        if feats is None:
             out.append((boxes, scores, torch.zeros(0, dtype=torch.int64)))
             continue
-        crops = region_crops(data.to_rgb(image), boxes, unicl_cfg.img_size)
-        feats = unicl.encode_images(unicl_model, crops, transform)                           # (n, D)
         probs = (unicl_model.logit_scale.exp() * feats @ classifier.t()).softmax(-1)         # (n, C)
         if groups is not None:
             index = torch.tensor(groups, device=probs.device)                                # (C,)
@@ -1271,26 +1279,21 @@ def zero_shot_metrics(detector, cfg: DetConfig, samples):
     pairs = data.compositions()
     # a shape is named through its colour-shape names (prompt ensembling over the world's colour words): the toy's
     # captions never name a shape without its colour, and "a photo of a small circle." alone embeds poorly
-    sets = {"shape": ([f"{c} {s}" for c, s in pairs], [data.SHAPES.index(s) for _, s in pairs],
+    names = [f"{c} {s}" for c, s in pairs]
+    sets = {"shape": ([data.SHAPES.index(s) for _, s in pairs], len(data.SHAPES),
                       lambda o: data.SHAPES.index(o["category"])),
-            "pair": ([f"{c} {s}" for c, s in pairs], None, lambda o: pairs.index((o["color"], o["category"])))}
+            "pair": (None, len(pairs), lambda o: pairs.index((o["color"], o["category"])))}
+    images = [s["image"] for s in samples]
+    proposals = detect(detector, images, cfg, cfg.eval_batch_size)
+    features = region_features(images, proposals, unicl_model, unicl_cfg)
     held = [any((o["color"], o["category"]) in data.HELDOUT for o in s["objects"]) for s in samples]
     metrics = {}
-    for name, (names, groups, label_of) in sets.items():
-        found = zero_shot_detect(detector, cfg, unicl_model, unicl_cfg, tokenizer, [s["image"] for s in samples],
-                                 names, groups)
-        n_labels = len(names) if groups is None else max(groups) + 1
+    for name, (groups, n_labels, label_of) in sets.items():
+        found = name_regions(proposals, features, unicl_model, tokenizer, names, groups)
         for part, keep in (("", None), ("_seen", False), ("_heldout", True)):
             idx = [i for i, h in enumerate(held) if keep is None or h == keep]
-            gt = {"images": [], "annotations": [], "categories": [{"id": k + 1} for k in range(n_labels)]}
-            for j, i in enumerate(idx, 1):
-                W, H = samples[i]["image"].size
-                gt["images"].append({"id": j, "width": W, "height": H})
-                for o in samples[i]["objects"]:
-                    x0, y0, x1, y1 = o["box"]
-                    gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": j, "iscrowd": 0,
-                                              "category_id": label_of(o) + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
-                                              "area": (x1 - x0) * (y1 - y0)})
-            stats = coco_eval(gt, to_coco_results([found[i] for i in idx], range(1, len(idx) + 1)))
+            truth = coco_ground_truth([[(o["box"], label_of(o)) for o in samples[i]["objects"]] for i in idx],
+                                      [samples[i]["image"].size for i in idx], n_labels)
+            stats = coco_eval(truth, to_coco_results([found[i] for i in idx], range(1, len(idx) + 1)))
             metrics[f"zeroshot_{name}{part}_AP"], metrics[f"zeroshot_{name}{part}_AP50"] = stats["AP"], stats["AP50"]
     return metrics

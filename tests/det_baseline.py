@@ -81,7 +81,9 @@ def evaluate(model, val, cfg):
             boxes = o["boxes"] * torch.tensor([W / S, H / S, W / S, H / S])
             found.append((boxes, o["scores"], o["labels"] - 1))
     model.train()
-    stats = dyhead.coco_eval(dyhead.coco_ground_truth(val, cfg), dyhead.to_coco_results(found, range(1, len(val) + 1)))
+    truth = dyhead.coco_ground_truth([dyhead.sample_objects(s, cfg) for s in val], [s["image"].size for s in val],
+                                     len(data.SHAPES))
+    stats = dyhead.coco_eval(truth, dyhead.to_coco_results(found, range(1, len(val) + 1)))
     return {k: stats[k] for k in ("AP", "AP50", "AP75", "AR100")}
 
 
