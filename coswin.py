@@ -10,10 +10,12 @@ pooling on top. Read it top to bottom:
   3. Shifted windows: cyclic roll + a region mask (Swin section 3.2, Fig. 4); padding for maps windows do not divide.
   4. The pre-LN Swin block with an MLP and stochastic depth, a stage of blocks, the whole model, named configs.
   5. load_timm_swin: timm's Swin weights into patch mode, which makes this file testable against a reference Swin.
+  6. load_unicl_tower: the image tower of a train.py UniCL checkpoint, for the adapters (det, vqa, video).
 
 Tensors inside a stage are kept channels-last, (B, H, W, C), as in Swin: every LayerNorm and Linear then acts on the
 last dimension without permutes.
 """
+import os
 from dataclasses import dataclass
 
 import torch
@@ -483,3 +485,35 @@ if __name__ == "__main__":
     for name, cfg in CONFIGS.items():
         print(f"CoSwin-{name}: {count_parameters(cfg) / 1e6:.1f}M parameters "
               f"(embed_dim {cfg.embed_dim}, depths {cfg.depths}, heads {cfg.num_heads}, window {cfg.window_size})")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. The adapters (dyhead.py, meter.py, video.py) start from the CoSwin that UniCL pretrained (Florence section 2.4-2.6).
+# A train.py UniCL checkpoint keeps it under model.visual.*, with the tower's config name in stage_config.image_encoder.
+
+def read_unicl_checkpoint(path, flag):
+    """A train.py UniCL checkpoint file -> its dict; a missing file or another stage's checkpoint is named with the
+    flag that gave the path."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path!r}: no such file")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    stage = ckpt.get("train_config", {}).get("stage") if isinstance(ckpt, dict) else None
+    if stage != "unicl":
+        raise ValueError(f"{flag} {path!r} is not a train.py checkpoint of the unicl stage (stage: {stage!r})")
+    return ckpt
+
+
+def load_unicl_tower(backbone: CoSwin, path, name, flag="--init_from"):
+    """Copy a UniCL checkpoint's CoSwin (model.visual.*) into `backbone`, built from coswin.CONFIGS[name]. Every weight
+    of the backbone must be there; a backbone cut to its first stages (meter's toy) leaves the later ones unused."""
+    ckpt = read_unicl_checkpoint(path, flag)
+    encoder = ckpt["stage_config"].get("image_encoder")
+    if encoder != name:
+        raise ValueError(f"{flag} {path!r} holds a CoSwin {encoder!r}, the model's image tower is {name!r}")
+    tower = {k[len("visual."):]: v for k, v in ckpt["model"].items() if k.startswith("visual.")}
+    own = backbone.state_dict()
+    later = [k for k in tower if k not in own and not (k.split(".")[0] in ("stages", "norms")
+                                                         and int(k.split(".")[1]) >= len(backbone.stages))]
+    if later:
+        raise ValueError(f"{flag} {path!r}: weights the image tower has no place for: {', '.join(later[:5])}")
+    backbone.load_state_dict({k: v for k, v in tower.items() if k in own})  # strict: a missing weight is named

@@ -16,6 +16,7 @@ It imports no project file.
   2. readers for real data       ImageTextFile (csv/tsv/jsonl), TarShards (webdataset), load_image, DataError
   3. image transforms            ImageTransform, resize, center_crop, random_resized_crop, hflip, to_tensor
   4. tokenizers on tiktoken      Tokenizer, get_tokenizer
+  5. released weights            read_safetensors, read_weights_folder (transformers model folders)
 
 `python data.py --out shapes.png` draws a grid of samples with their annotations; `--bench` times rendering.
 """
@@ -28,6 +29,8 @@ import json
 import math
 import os
 import random
+import struct
+import sys
 import tarfile
 
 import numpy as np
@@ -836,6 +839,54 @@ def get_tokenizer(name: str = "bytes") -> Tokenizer:
             f"download URL) from a machine that has it into a folder and set TIKTOKEN_CACHE_DIR to that folder. "
             f"The default 'bytes' tokenizer needs no file.") from e
     return Tokenizer(encoding)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Released weights (transformers model folders), read without extra dependencies: florence2.py and meter.py load them
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """A .safetensors file is: 8-byte little-endian header length n, n bytes of JSON header
+    {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the raw buffers."""
+    if sys.byteorder != "little":
+        raise RuntimeError("read_safetensors assumes a little-endian machine")
+    with open(path, "rb") as f:
+        data = bytearray(os.path.getsize(path))
+        f.readinto(data)
+    if len(data) < 8:
+        raise ValueError(f"{path}: too short to be a safetensors file")
+    (n,) = struct.unpack("<Q", data[:8])
+    if 8 + n > len(data):
+        raise ValueError(f"{path}: header length {n} runs past the end of the file")
+    header = json.loads(data[8:8 + n])
+    header.pop("__metadata__", None)
+    tensors = {}
+    for name, info in header.items():
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
+        begin, end = info["data_offsets"]
+        count = math.prod(shape)
+        if end - begin != count * dtype.itemsize or 8 + n + end > len(data):
+            raise ValueError(f"{path}: tensor {name!r} has a bad byte range {begin}..{end}")
+        tensors[name] = (torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + begin).reshape(shape)
+                         if count else torch.empty(shape, dtype=dtype))
+    return tensors
+
+
+def read_weights_folder(folder):
+    """The weights of a transformers model folder: model.safetensors, else pytorch_model.bin."""
+    safetensors, pickle = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(safetensors):
+        return read_safetensors(safetensors)
+    if os.path.isfile(pickle):
+        return torch.load(pickle, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder!r} holds neither model.safetensors nor pytorch_model.bin "
+                            f"(sharded checkpoints are not supported)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1044,30 +1044,8 @@ def build_tokenizer(cfg: DetConfig):
 def build_model(cfg: DetConfig, tokenizer) -> Detector:
     model = Detector(cfg, len(class_names(cfg)))
     if cfg.init_from:
-        load_image_tower(model.backbone, cfg.init_from, cfg.backbone)
+        coswin.load_unicl_tower(model.backbone, cfg.init_from, cfg.backbone)
     return model
-
-
-def read_unicl_checkpoint(path, flag):
-    """A train.py UniCL checkpoint file -> its dict; a missing file or another stage's checkpoint is named with the
-    flag that gave the path."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag} {path!r}: no such file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    stage = ckpt.get("train_config", {}).get("stage") if isinstance(ckpt, dict) else None
-    if stage != "unicl":
-        raise ValueError(f"{flag} {path!r} is not a train.py checkpoint of the unicl stage (stage: {stage!r})")
-    return ckpt
-
-
-def load_image_tower(backbone, path, name):
-    """Copy a train.py UniCL checkpoint's CoSwin (model.visual.*) into the detector's backbone, strictly."""
-    ckpt = read_unicl_checkpoint(path, "--init_from")
-    encoder = ckpt["stage_config"].get("image_encoder")
-    if encoder != name:
-        raise ValueError(f"--init_from {path!r} holds a CoSwin {encoder!r}, the detector's backbone is {name!r}")
-    tower = {k[len("visual."):]: v for k, v in ckpt["model"].items() if k.startswith("visual.")}
-    backbone.load_state_dict(tower)
 
 
 class CocoImages:
@@ -1220,7 +1198,7 @@ def evaluate(model, val, tokenizer, cfg: DetConfig):
 def load_unicl(path):
     """A train.py UniCL checkpoint -> (model in eval mode, tokenizer, its UniCLConfig)."""
     import unicl
-    ckpt = read_unicl_checkpoint(path, "--unicl_ckpt")
+    ckpt = coswin.read_unicl_checkpoint(path, "--unicl_ckpt")
     cfg = unicl.UniCLConfig(**ckpt["stage_config"])
     tokenizer = unicl.build_tokenizer(cfg)
     model = unicl.build_model(cfg, tokenizer)

@@ -10,7 +10,7 @@ serve every task. The file follows the paper's Figure 2 from left to right:
   3. image tokens      2D position + temporal embeddings, a spatial-mean token, projection to the text width
   4. BART              the post-LN transformer encoder-decoder with a key/value cache
   5. Florence2         image tokens in front of the prompt, the forward pass, greedy and beam search
-  6. released weights  a safetensors reader and the name map for the transformers-native checkpoints
+  6. released weights  the name map for the transformers-native checkpoints (read by data.read_weights_folder)
   7. tokenizers        BART's byte-level BPE on tiktoken; data.py's byte-level one for the toy
   8. tasks             the coordinate vocabulary, the task prompts, and parsing answers back into boxes
   9. task data         every task's target text from a Shapes-world sample; a JSON-lines reader for real data
@@ -25,7 +25,6 @@ import math
 import os
 import random
 import re
-import struct
 import sys
 from dataclasses import dataclass, field, replace
 
@@ -700,56 +699,12 @@ class Florence2(nn.Module):
                 gen = json.load(f)
             cfg = replace(cfg, **{k: gen.get(k) for k in ("forced_bos_token_id", "forced_eos_token_id")})
         model = cls(cfg)
-        model.load_state_dict(hf_state_dict_to_ours(load_checkpoint(folder), model.state_dict()))
+        model.load_state_dict(hf_state_dict_to_ours(data.read_weights_folder(folder), model.state_dict()))
         return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Released weights: the transformers-native layout, read without extra dependencies
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors(path):
-    """A .safetensors file is: 8-byte little-endian header length n, n bytes of JSON header
-    {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the raw buffers."""
-    if sys.byteorder != "little":
-        raise RuntimeError("read_safetensors assumes a little-endian machine")
-    with open(path, "rb") as f:
-        data = bytearray(os.path.getsize(path))
-        f.readinto(data)
-    if len(data) < 8:
-        raise ValueError(f"{path}: too short to be a safetensors file")
-    (n,) = struct.unpack("<Q", data[:8])
-    if 8 + n > len(data):
-        raise ValueError(f"{path}: header length {n} runs past the end of the file")
-    header = json.loads(data[8:8 + n])
-    header.pop("__metadata__", None)
-    tensors = {}
-    for name, info in header.items():
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
-        begin, end = info["data_offsets"]
-        count = math.prod(shape)
-        if end - begin != count * dtype.itemsize or 8 + n + end > len(data):
-            raise ValueError(f"{path}: tensor {name!r} has a bad byte range {begin}..{end}")
-        tensors[name] = (torch.frombuffer(data, dtype=dtype, count=count, offset=8 + n + begin).reshape(shape)
-                         if count else torch.empty(shape, dtype=dtype))
-    return tensors
-
-
-def load_checkpoint(folder):
-    safetensors, pickle = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
-    if os.path.isfile(safetensors):
-        return read_safetensors(safetensors)
-    if os.path.isfile(pickle):
-        return torch.load(pickle, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{folder!r} holds neither model.safetensors nor pytorch_model.bin "
-                            f"(sharded checkpoints are not supported)")
-
+# 6. Released weights: the transformers-native layout (the files are read by data.read_weights_folder)
 
 def config_from_hf(hf):
     """Our config from a transformers Florence2Config dict (absent keys keep our base defaults, except that

@@ -34,7 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DataError
 
-STAGES = {"unicl": "unicl", "florence2": "florence2", "det": "dyhead"}  # stage name -> its file
+STAGES = {"unicl": "unicl", "florence2": "florence2", "det": "dyhead", "vqa": "meter",
+          "vqa_pretrain": "meter"}  # stage name -> its file
 
 
 @dataclass
@@ -126,6 +127,8 @@ def build_configs(flags, base_train=None, base_stage=None):
         tcfg = dataclasses.replace(tcfg, **stage.TRAIN.get(tcfg.config, {}))
     else:
         scfg = base_stage
+    if hasattr(stage, "STAGE_TASKS"):  # one file, several stages (meter: vqa and vqa_pretrain)
+        scfg = dataclasses.replace(scfg, task=stage.STAGE_TASKS[tcfg.stage])
     t_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     s_fields = {f.name: f for f in dataclasses.fields(scfg)}
     for key, value in flags.items():

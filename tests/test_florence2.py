@@ -194,13 +194,13 @@ def test_read_safetensors_dtypes(tmp_path):
     tensors = {"f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 2).bfloat16(),
                "i64": torch.arange(7), "empty": torch.zeros(0, 3)}
     save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
-    loaded = f2.read_safetensors(str(tmp_path / "t.safetensors"))
+    loaded = data.read_safetensors(str(tmp_path / "t.safetensors"))
     assert loaded.keys() == tensors.keys()
     for k, v in tensors.items():
         assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "t.safetensors").read_bytes()[:40])
     with pytest.raises(ValueError):
-        f2.read_safetensors(str(tmp_path / "cut.safetensors"))
+        data.read_safetensors(str(tmp_path / "cut.safetensors"))
 
 
 def test_generate_rejects_bad_arguments(checkpoint):
