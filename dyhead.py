@@ -1051,12 +1051,12 @@ def build_model(cfg: DetConfig, tokenizer) -> Detector:
 class CocoImages:
     """A COCO instances file as raw samples: {"image": PIL image, "image_id", "objects": [{"box": x0 y0 x1 y1 in
     pixels, "label": index into the sorted categories}]}. Boxes read_coco finds degenerate (NaN, zero or negative
-    size) are skipped and their ids kept in `skipped`; boxes reaching outside an image of known width and height are
+    size) are skipped and their ids kept in `skipped_boxes`; boxes reaching outside an image of known width and height are
     clipped to it (ids in `clipped`), and skipped if nothing is left."""
 
     def __init__(self, path, image_root=None):
         self.path = path
-        self.dataset, self.skipped = read_coco(path)
+        self.dataset, self.skipped_boxes = read_coco(path)
         self.root = image_root or os.path.dirname(os.path.abspath(path))
         label = {c["id"]: i for i, c in enumerate(sorted(self.dataset["categories"], key=lambda c: c["id"]))}
         self.images = sorted(self.dataset["images"], key=lambda im: im["id"])
@@ -1071,7 +1071,7 @@ class CocoImages:
             if W and H and (box[0] < 0 or box[1] < 0 or box[2] > W or box[3] > H):
                 box = [min(max(box[0], 0), W), min(max(box[1], 0), H), min(max(box[2], 0), W), min(max(box[3], 0), H)]
                 if box[2] <= box[0] or box[3] <= box[1]:
-                    self.skipped.append(ann["id"])
+                    self.skipped_boxes.append(ann["id"])
                     continue
                 self.clipped.append(ann["id"])
             self.objects[ann["image_id"]].append({"box": box, "label": label[ann["category_id"]]})
@@ -1096,7 +1096,12 @@ def build_datasets(cfg: DetConfig, seed: int, skip_bad: bool = False):
     if not cfg.data:
         raise ValueError("config field 'data' is empty: pass --data=shapes or --data=instances.json")
     root = cfg.image_root or None
-    return CocoImages(cfg.data, root), (CocoImages(cfg.val_data, root) if cfg.val_data else None)
+    train, val = CocoImages(cfg.data, root), (CocoImages(cfg.val_data, root) if cfg.val_data else None)
+    for ds in (train, val):
+        if ds is not None and (ds.skipped_boxes or ds.clipped):
+            print(f"{ds.path}: {len(ds.skipped_boxes)} boxes skipped (NaN, empty, or wholly outside the image), "
+                  f"{len(ds.clipped)} clipped to their image")
+    return train, val
 
 
 def sample_objects(sample, cfg: DetConfig):

@@ -2,7 +2,7 @@
 
     python tests/bench.py            # every benchmark
     python tests/bench.py coswin     # one (names: the bench_* functions below, without the prefix: coswin,
-                                     # florence2, dyhead)
+                                     # florence2, dyhead, meter)
 
 Each benchmark alternates ours and the reference call by call (so load from other processes hits both alike), after
 warm-up, and reports medians, the ratio ours / reference (goal <= 1.0) and the median and range of the rounds'
@@ -238,6 +238,33 @@ def bench_dyhead():
             ev.summarize()
     report("coco_eval, 200 images", time_alternating(lambda: dyhead.coco_eval(gt, detections), pycocotools_eval,
                                                      warmup=1, reps=5), "pycocotools")
+
+
+def bench_meter():
+    """meter's RoBERTa text encoder vs transformers RobertaModel (roberta-base size, random weights, eval mode so no
+    dropout), forward + backward on a right-padded batch of 8 x 64 tokens."""
+    from transformers import RobertaConfig, RobertaModel
+    import meter
+    config = RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                           intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1,
+                           layer_norm_eps=1e-5)
+    torch.manual_seed(0)
+    reference = RobertaModel(config, add_pooling_layer=False).eval()
+    ours = meter.text_encoder_from_hf(config.to_dict(), reference.state_dict()).eval()
+    ids = torch.randint(3, config.vocab_size, (8, 64))
+    mask = torch.ones(8, 64, dtype=torch.long)
+    for b, n in enumerate((64, 60, 50, 41, 64, 33, 20, 57)):
+        ids[b, n:], mask[b, n:] = config.pad_token_id, 0
+
+    def step(model, call):
+        def run():
+            model.zero_grad(set_to_none=True)
+            call().sum().backward()
+        return run
+    report("RoBERTa-base text encoder, forward + backward, 8 x 64 tokens",
+           time_alternating(step(ours, lambda: ours(ids, mask)),
+                            step(reference, lambda: reference(input_ids=ids, attention_mask=mask).last_hidden_state),
+                            warmup=2, reps=7), "transformers")
 
 
 BENCHES = {name[len("bench_"):]: fn for name, fn in dict(globals()).items() if name.startswith("bench_")}

@@ -1020,7 +1020,7 @@ def write_shapes_coco(folder, n, first_id=1):
     return path, coco
 
 
-def test_det_trains_on_a_coco_file(tmp_path):
+def test_det_trains_on_a_coco_file(tmp_path, capsys):
     """--data / --val_data take COCO instances files: an image with no objects, a degenerate box (skipped and
     counted), a box reaching outside its image (clipped and counted) and one wholly outside (skipped) train and
     evaluate; the categories are the file's, in id order."""
@@ -1037,11 +1037,12 @@ def test_det_trains_on_a_coco_file(tmp_path):
     cfg = dataclasses.replace(dyhead.CONFIGS["toy"], data=str(path))
     assert dyhead.class_names(cfg) == list(data.SHAPES)
     ds = dyhead.CocoImages(str(path))
-    assert ds.skipped == [500, 502] and ds.clipped == [501] and len(ds) == 7 and ds[6]["objects"] == []
+    assert ds.skipped_boxes == [500, 502] and ds.clipped == [501] and len(ds) == 7 and ds[6]["objects"] == []
     assert ds[1]["objects"][-1] == {"box": [50, 0, 64, 16], "label": 1}
     metrics = train.main([*TINY_DET, f"--data={path}", f"--val_data={path}", "--max_iters=2", "--batch_size=7",
                           f"--out_dir={tmp_path / 'out'}"])
     assert 0 <= metrics["AP"] <= 1
+    assert "2 boxes skipped (NaN, empty, or wholly outside the image), 1 clipped" in capsys.readouterr().out
 
 
 def test_det_bad_inputs_are_named(tmp_path):
