@@ -15,7 +15,6 @@ top to bottom:
 """
 import collections
 import json
-import math
 import os
 import random
 import re
@@ -43,7 +42,7 @@ class TextConfig:
     layers: int = 2
     heads: int = 4
     ffn: int = 384
-    max_positions: int = 80      # rows of the position table (RoBERTa: 514 = 512 tokens + the 2 rows below them)
+    max_positions: int = 100     # rows of the position table (RoBERTa: 514 = 512 tokens + the 2 rows below them)
     pad_token_id: int = 258      # the padding token (the byte tokenizer's <|pad|>; RoBERTa: 1)
     position_pad: int = 1        # the position row of padding tokens; real ones count from the next (RoBERTa: 1)
     type_vocab_size: int = 1
@@ -246,7 +245,7 @@ class MeterConfig:
     text: TextConfig = None
     fusion: FusionConfig = None
     tokenizer: str = "bytes"
-    context_length: int = 72     # text tokens, begin and end included; longer questions are truncated (and counted)
+    context_length: int = 96     # text tokens, begin and end included; longer questions are truncated (and counted)
     init_from: str = ""          # a train.py checkpoint: UniCL (its image tower) or vqa_pretrain (all but the heads)
     roberta: str = ""            # a transformers RoBERTa folder for the text encoder (its tokenizer is not included)
     # data: "shapes" (the built-in world) or VQAv2 files (vqa: questions .json; pretrain: an image-text file)
@@ -260,7 +259,7 @@ class MeterConfig:
     train_size: int = 50000      # Shapes world: distinct training images
     val_size: int = 2000         # Shapes world: val questions (one per val image); 0 = no eval
     max_objects: int = 3
-    mlm_prob: float = 0.15       # pretraining: the share of text tokens masked
+    mlm_prob: float = 0.15       # pretraining: the share of caption words masked (whole words, see mask_tokens)
     eval_batch_size: int = 100
 
     def __post_init__(self):  # a checkpoint's stage_config holds the nested configs as dicts
@@ -603,7 +602,7 @@ STAGE_TASKS = {"vqa": "vqa", "vqa_pretrain": "pretrain"}  # train.py --stage -> 
 PAPER_ANSWERS = 3129  # METER's VQAv2 answer vocabulary
 
 TRAIN = {
-    "toy": dict(batch_size=64, max_iters=2000, lr=1e-3, warmup_iters=100, weight_decay=0.01, log_interval=50,
+    "toy": dict(batch_size=64, max_iters=3000, lr=1e-3, warmup_iters=100, weight_decay=0.01, log_interval=50,
                 ckpt_interval=250),
     "florence": dict(batch_size=512, max_iters=10000, lr=5e-5, warmup_iters=1000, weight_decay=0.01),
 }
@@ -616,6 +615,13 @@ class Vocab:
         self.text, self.answers = text, list(answers)
         self.answer_index = {a: i for i, a in enumerate(self.answers)}
         self.mask_id = text.token_id("<|mask|>")
+        self._pieces = {}
+
+    def piece(self, token_id) -> str:
+        """The text of one token ("" for special tokens)."""
+        if token_id not in self._pieces:
+            self._pieces[token_id] = self.text.decode([token_id])
+        return self._pieces[token_id]
 
 
 _VQAV2_CACHE = {}
@@ -704,19 +710,37 @@ def preprocess(image, size):
     return data.to_tensor(data.to_rgb(image).resize((size, size)), data.CLIP_MEAN, data.CLIP_STD)
 
 
+def word_spans(ids, vocab: Vocab):
+    """[[positions of one word's tokens], ...] of one text: a token continues a word when it starts with a letter or
+    digit and the token before it ends with one (bytes of one word; a BPE piece without a leading space)."""
+    spans, prev = [], ""
+    for t, i in enumerate(ids):
+        piece = vocab.piece(i)
+        if piece[:1].isalnum() and prev[-1:].isalnum() and spans:
+            spans[-1].append(t)
+        elif piece.strip():
+            spans.append([t])
+        prev = piece
+    return spans
+
+
 def mask_tokens(input_ids, attention_mask, vocab: Vocab, prob, rng: random.Random):
-    """BERT's masking (section 3.1): each real token except begin / end is picked with probability prob; a picked
-    token becomes the mask token 80% of the time, a random token 10%, itself 10%. -> (masked ids, labels: the
-    original id where picked, -100 elsewhere)."""
+    """BERT's masking (section 3.1) over whole words (BERT's whole-word-masking variant): each word is picked with
+    probability prob and all its tokens are predicted; a picked token becomes the mask token 80% of the time, a
+    random token 10%, itself 10%. Over bytes, masking single tokens would let the model read a word off its other
+    letters ("r[MASK]d"); a whole masked word ("a large [MASK]x3 circle") can only be read off the image.
+    -> (masked ids, labels: the original id where picked, -100 elsewhere)."""
     ids, labels = input_ids.clone(), torch.full_like(input_ids, -100)
-    special = {vocab.text.bos_id, vocab.text.eos_id, vocab.text.pad_id}
     normal = vocab.text.n_vocab - len(vocab.text.special_tokens)  # ordinary ids come first
-    for b, t in torch.nonzero(attention_mask).tolist():
-        if int(ids[b, t]) in special or rng.random() >= prob:
-            continue
-        labels[b, t] = ids[b, t]
-        roll = rng.random()
-        ids[b, t] = vocab.mask_id if roll < 0.8 else (rng.randrange(normal) if roll < 0.9 else ids[b, t])
+    for b in range(ids.shape[0]):
+        n = int(attention_mask[b].sum())
+        for span in word_spans(ids[b, :n].tolist(), vocab):
+            if rng.random() >= prob:
+                continue
+            for t in span:
+                labels[b, t] = ids[b, t]
+                roll = rng.random()
+                ids[b, t] = vocab.mask_id if roll < 0.8 else (rng.randrange(normal) if roll < 0.9 else ids[b, t])
     return ids, labels
 
 
