@@ -42,7 +42,7 @@ class TextConfig:
     layers: int = 2
     heads: int = 4
     ffn: int = 384
-    max_positions: int = 100     # rows of the position table (RoBERTa: 514 = 512 tokens + the 2 rows below them)
+    max_positions: int = 80      # rows of the position table (RoBERTa: 514 = 512 tokens + the 2 rows below them)
     pad_token_id: int = 258      # the padding token (the byte tokenizer's <|pad|>; RoBERTa: 1)
     position_pad: int = 1        # the position row of padding tokens; real ones count from the next (RoBERTa: 1)
     type_vocab_size: int = 1
@@ -245,7 +245,7 @@ class MeterConfig:
     text: TextConfig = None
     fusion: FusionConfig = None
     tokenizer: str = "bytes"
-    context_length: int = 96     # text tokens, begin and end included; longer questions are truncated (and counted)
+    context_length: int = 72     # text tokens, begin and end included; longer questions are truncated (and counted)
     init_from: str = ""          # a train.py checkpoint: UniCL (its image tower) or vqa_pretrain (all but the heads)
     roberta: str = ""            # a transformers RoBERTa folder for the text encoder (its tokenizer is not included)
     # data: "shapes" (the built-in world) or VQAv2 files (vqa: questions .json; pretrain: an image-text file)
