@@ -10,7 +10,8 @@ pooling on top. Read it top to bottom:
   3. Shifted windows: cyclic roll + a region mask (Swin section 3.2, Fig. 4); padding for maps windows do not divide.
   4. The pre-LN Swin block with an MLP and stochastic depth, a stage of blocks, the whole model, named configs.
   5. load_timm_swin: timm's Swin weights into patch mode, which makes this file testable against a reference Swin.
-  6. load_unicl_tower: the image tower of a train.py UniCL checkpoint, for the adapters (det, vqa, video).
+  6. For the adapters (det, vqa, video): load_unicl_tower, the image tower of a train.py UniCL checkpoint, and
+     per_process_share, the DDP normaliser of a loss averaged over a batch-dependent count.
 
 Tensors inside a stage are kept channels-last, (B, H, W, C), as in Swin: every LayerNorm and Linear then acts on the
 last dimension without permutes.
@@ -517,3 +518,16 @@ def load_unicl_tower(backbone: CoSwin, path, name, flag="--init_from"):
     if later:
         raise ValueError(f"{flag} {path!r}: weights the image tower has no place for: {', '.join(later[:5])}")
     backbone.load_state_dict({k: v for k, v in tower.items() if k in own})  # strict: a missing weight is named
+
+
+# A loss averaged over a count that differs between processes (ATSS's positives, MLM's masked tokens) must be divided by
+# the global count, not each process's own, for DDP's average of the processes' gradients to be the global batch's.
+
+def per_process_share(total):
+    """A batch statistic summed over the DDP processes and divided by their number (the statistic itself outside
+    DDP), so that each process's loss is its sum over the global normaliser times the number of processes."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return total
+    total = total.detach().clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()

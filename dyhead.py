@@ -789,16 +789,6 @@ def atss_assign(anchors_per_level, gt_boxes, gt_labels, topk=9):
 # sides, averaged over positives. As in the reference, the positive count and the centerness sum are taken over all
 # processes and divided by their number: DDP then averages the processes' gradients into those of the global batch.
 
-def per_process_share(total):
-    """A batch statistic summed over the DDP processes and divided by their number (the statistic itself outside
-    DDP), so that each process's loss is its sum over the global normaliser times the number of processes."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return total
-    total = total.detach().clone()
-    torch.distributed.all_reduce(total)
-    return total / torch.distributed.get_world_size()
-
-
 def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
     """Focal loss summed over all elements (torchvision.ops.sigmoid_focal_loss with reduction="sum"). logits and
     targets (float, 0/1) of the same shape."""
@@ -853,7 +843,7 @@ def atss_losses(cls_logits, box_deltas, centerness, anchors_per_level, targets, 
         labels = torch.stack(labels)                                                         # (B, A)
         gt_per_anchor = torch.stack(gt_per_anchor)                                           # (B, A, 4)
         positive = labels >= 0                                                               # (B, A)
-        num_pos = max(per_process_share(positive.sum().float()).item(), 1.0)
+        num_pos = max(coswin.per_process_share(positive.sum().float()).item(), 1.0)
         cls_targets = F.one_hot(labels.clamp(min=0), K) * positive[..., None]                # (B, A, K)
 
     cls_loss = sigmoid_focal_loss(cls_logits, cls_targets.to(cls_logits), alpha, gamma) / num_pos
@@ -865,7 +855,7 @@ def atss_losses(cls_logits, box_deltas, centerness, anchors_per_level, targets, 
         return dict(cls=cls_loss, box=pos_deltas.sum(), centerness=pos_ctr_logits.sum())    # empty sums: 0
     # the reference encodes the object as deltas and decodes it back; reading the object directly is the same box
     ctr_targets = centerness_targets(pos_anchors, pos_gt)                                    # (P,)
-    box_loss = (giou_loss(decode(pos_deltas, pos_anchors), pos_gt) * ctr_targets).sum() / per_process_share(
+    box_loss = (giou_loss(decode(pos_deltas, pos_anchors), pos_gt) * ctr_targets).sum() / coswin.per_process_share(
         ctr_targets.sum())
     ctr_loss = F.binary_cross_entropy_with_logits(pos_ctr_logits, ctr_targets, reduction="sum") / num_pos
     return dict(cls=cls_loss, box=box_loss_weight * box_loss, centerness=ctr_loss)

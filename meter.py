@@ -724,15 +724,16 @@ def word_spans(ids, vocab: Vocab):
     return spans
 
 
-def mask_tokens(input_ids, attention_mask, vocab: Vocab, prob, rng: random.Random):
+def mask_tokens(input_ids, attention_mask, vocab: Vocab, prob, rngs):
     """BERT's masking (section 3.1) over whole words (BERT's whole-word-masking variant): each word is picked with
     probability prob and all its tokens are predicted; a picked token becomes the mask token 80% of the time, a
     random token 10%, itself 10%. Over bytes, masking single tokens would let the model read a word off its other
-    letters ("r[MASK]d"); a whole masked word ("a large [MASK]x3 circle") can only be read off the image.
+    letters ("r[MASK]d"); a whole masked word ("a large [MASK]x3 circle") can only be read off the image. Row b
+    draws from rngs[b], so a sample is masked the same way whichever batch or process holds it.
     -> (masked ids, labels: the original id where picked, -100 elsewhere)."""
     ids, labels = input_ids.clone(), torch.full_like(input_ids, -100)
     normal = vocab.text.n_vocab - len(vocab.text.special_tokens)  # ordinary ids come first
-    for b in range(ids.shape[0]):
+    for b, rng in enumerate(rngs):
         n = int(attention_mask[b].sum())
         for span in word_spans(ids[b, :n].tolist(), vocab):
             if rng.random() >= prob:
@@ -756,22 +757,22 @@ def collate(samples, vocab: Vocab, cfg: MeterConfig, rngs=None, progress=None):
 
 
 def collate_pretrain(samples, images, vocab, cfg, rngs):
-    """ITM + MLM in one forward pass: half of the pairs get another sample's image (label 0, mismatched), the
-    captions are masked for MLM, and the MLM loss is taken on the matched pairs only. (METER runs ITM and MLM as two
-    passes, unmasked captions for ITM; one pass halves the cost of the toy.)"""
+    """ITM + MLM in one forward pass. Samples are paired (0, 1), (2, 3), ...; half of the pairs swap their images, so
+    both become mismatched (ITM label 0), the rest stay matched. The captions are masked for MLM, whose loss is taken
+    on the matched pairs only. (METER runs ITM and MLM as two passes, unmasked captions for ITM, and draws a
+    mismatched image from the whole batch; one pass halves the toy's cost, and pairs keep every choice a function of
+    the sample, so two processes holding half a batch each make the same pairs as one process, given even shares.)"""
     B = len(samples)
     captions = [s["caption"] for s in samples]
     input_ids, mask, _ = encode_texts(captions, vocab, cfg)
-    input_ids, mlm_labels = mask_tokens(input_ids, mask, vocab, cfg.mlm_prob, rngs[0])
-    matched = torch.tensor([rng.random() < 0.5 for rng in rngs])
-    shift = 1 + rngs[-1].randrange(max(1, B - 1))
-    other = (torch.arange(B) + shift) % B
-    # a mismatched pair whose other caption is the same text is no mismatch: keep it matched
-    same = torch.tensor([captions[i] == captions[int(other[i])] for i in range(B)])
-    matched |= same
-    images = torch.where(matched[:, None, None, None], images, images[other])
+    input_ids, mlm_labels = mask_tokens(input_ids, mask, vocab, cfg.mlm_prob, rngs)
+    order, matched = torch.arange(B), torch.ones(B, dtype=torch.bool)
+    for k in range(0, B - 1, 2):
+        if rngs[k].random() < 0.5 and captions[k] != captions[k + 1]:  # the same caption would be no mismatch
+            order[k], order[k + 1] = k + 1, k
+            matched[k] = matched[k + 1] = False
     mlm_labels[~matched] = -100
-    return {"images": images, "input_ids": input_ids, "attention_mask": mask, "itm_labels": matched.long(),
+    return {"images": images[order], "input_ids": input_ids, "attention_mask": mask, "itm_labels": matched.long(),
             "mlm_labels": mlm_labels}
 
 
@@ -783,7 +784,9 @@ def compute_loss(model, batch):
     out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["mlm_labels"])
     itm = F.cross_entropy(out["itm"].float(), batch["itm_labels"])
     labels = batch["mlm_labels"][batch["mlm_labels"] != -100]
-    mlm = F.cross_entropy(out["mlm"].float(), labels) if labels.numel() else out["mlm"].sum() * 0.0
+    # the mean over every process's masked tokens: each process holds a different number of them
+    count = coswin.per_process_share(torch.tensor(float(labels.numel()), device=labels.device)).clamp(min=1.0)
+    mlm = F.cross_entropy(out["mlm"].float(), labels, reduction="sum") / count
     return itm + mlm, {"itm": itm.item(), "mlm": mlm.item()}
 
 

@@ -258,7 +258,7 @@ def test_masking_follows_bert_over_whole_words():
             meter.word_spans(vocab.text.encode(text), vocab))] == ["a", "large", "red", "circle", ",", "two", "small",
                                                                     "blue", "stars"]
     ids, mask, _ = meter.encode_texts([text] * 400, vocab, cfg)
-    masked, labels = meter.mask_tokens(ids, mask, vocab, 0.15, random.Random(0))
+    masked, labels = meter.mask_tokens(ids, mask, vocab, 0.15, [random.Random(b) for b in range(400)])
     picked = labels != -100
     assert not picked[:, 0].any() and not picked[mask.bool() & (ids == vocab.text.eos_id)].any()
     assert torch.equal(labels[picked], ids[picked])
@@ -284,14 +284,15 @@ def logged(out_dir, key="loss"):
 
 
 def test_vqa_stage_learns(tmp_path):
-    """train.py --stage vqa from random weights, 300 steps of 64 (~2-3 min): the loss halves and colour questions
-    are answered above the question-only 0.165 (the colour of a lone shape is read off the image). Measured: loss
-    3.94 -> 1.92, vqa_acc 0.427, colour 0.298, size 0.583 on 300 val questions. The full run: docs/vqa-toy.md."""
-    metrics = train.main([*TINY_VQA, "--max_iters=300", "--val_size=300", f"--out_dir={tmp_path}"])
+    """train.py --stage vqa from random weights on one-shape images, 300 steps of 64 (~2 min): the loss halves and
+    size questions ("what size is the red star?"), whose answer only the image tells (small or large, ~0.5 from the
+    question alone), are answered far above that. Measured (2 threads): loss 3.9 -> 1.85, vqa_acc 0.593, size 0.984
+    on 300 val questions. Over 1-3 shapes the same 300 steps read little yet (docs/vqa-toy.md has the full run)."""
+    metrics = train.main([*TINY_VQA, "--max_iters=300", "--val_size=300", "--max_objects=1", f"--out_dir={tmp_path}"])
     losses = logged(tmp_path)
     assert losses[-1] < 0.6 * losses[0], losses
-    assert metrics["vqa_acc"] > 0.38 and metrics["acc_color"] > 0.22, metrics
-    assert {"acc_count", "acc_position", "acc_seen", "acc_heldout", "truncated"} <= set(metrics)
+    assert metrics["vqa_acc"] > 0.5 and metrics["acc_size"] > 0.8, metrics
+    assert {"acc_count", "acc_color", "acc_seen", "acc_heldout", "truncated"} <= set(metrics)
 
 
 def test_vqa_resume_continues_exactly(tmp_path):
