@@ -321,15 +321,15 @@ def test_two_processes_match_one(tmp_path, stage):
 
 
 def test_pretrain_stage_learns_and_initialises_vqa(tmp_path):
-    """vqa_pretrain, 150 steps of 32 (~1 min): the MLM loss falls by a fifth and a quarter of the masked bytes are
-    read back (measured: loss 2.45 -> 1.96, mlm_acc 0.33; ITM is still at chance this early); its checkpoint then
-    initialises a vqa run (all but the heads)."""
+    """vqa_pretrain, 150 steps of 32 (~40 s): the MLM loss falls by more than 15% (first three logs against the last
+    three) and a quarter of the masked bytes are read back (measured: 3.17 -> 2.08 on average, mlm_acc 0.41, ITM
+    0.59); its checkpoint then initialises a vqa run (all but the heads)."""
     pre = tmp_path / "pre"
     metrics = train.main(["--stage", "vqa_pretrain", "--train_size=2000", "--batch_size=32", "--max_iters=150",
-                          "--warmup_iters=20", "--lr=2e-3", "--log_interval=50", "--val_size=200",
+                          "--warmup_iters=20", "--lr=2e-3", "--log_interval=10", "--val_size=200",
                           f"--out_dir={pre}"])
     mlm = logged(pre, "mlm")
-    assert mlm[-1] < 0.85 * mlm[0], mlm
+    assert sum(mlm[-3:]) < 0.85 * sum(mlm[:3]), mlm  # logged every 10 steps: the first and last three
     assert metrics["mlm_acc"] > 0.25 and 0 <= metrics["itm_acc"] <= 1, metrics
     cfg = dataclasses.replace(meter.CONFIGS["toy"], init_from=str(pre / "ckpt.pt"))
     model = meter.build_model(cfg, meter.build_tokenizer(cfg))
