@@ -12,6 +12,7 @@ import torch
 
 import data
 import meter
+import test_train  # its run(): train.py in 1 or N processes
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -306,13 +307,9 @@ def test_vqa_resume_continues_exactly(tmp_path):
 @pytest.mark.parametrize("stage", ["vqa", "vqa_pretrain"])
 def test_two_processes_match_one(tmp_path, stage):
     args = [*TINY_VQA, "--stage", stage, "--val_size=0", "--log_interval=1", "--batch_size=8", "--max_iters=3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {}
-    for name, launcher in (("one", [sys.executable]),
-                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                    "--nproc_per_node=2"])):
-        out = subprocess.run(launcher + ["train.py", *args, f"--out_dir={tmp_path / name}"], cwd=ROOT,
-                             capture_output=True, text=True, env=env, timeout=600)
+    for name, nproc in (("one", 1), ("two", 2)):
+        out = test_train.run([*args, f"--out_dir={tmp_path / name}"], nproc)
         assert out.returncode == 0, out.stderr[-2000:]
         runs[name] = list(zip(logged(tmp_path / name), logged(tmp_path / name, "grad_norm")))
     assert len(runs["one"]) == 3
