@@ -1,7 +1,7 @@
 """VQA accuracy against the official evaluation code, case by case (meter.vqa_accuracy).
 
 Every expected value below was produced by running the OFFICIAL code, not this implementation:
-GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py at commit a013f00 (2021), run
+GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py as of 2021 (its current version), run
 unmodified under Python 2.7.18 (VQAEval.evaluate on stub vqa / vqaRes objects, one question per case,
 answer dicts with answer_id as in the VQA v2 files, the unrounded avgGTAcc recorded via setEvalQA).
 A Python 3 port (print statements only) gave the same numbers except the non-ASCII digit case, where
