@@ -16,9 +16,11 @@ serve every task. The file follows the paper's Figure 2 from left to right:
   9. task data         every task's target text from a Shapes-world sample; a JSON-lines reader for real data
  10. training          the stage that `python train.py --stage florence2` drives, the CPU toy's training aids
                        (kept apart from the model: ToyFlorence2), and the metrics
- 11. command line      python florence2.py --ckpt PATH --image IMG --task '<OD>' [--text ...] [--out out.png]
+ 11. command line      python florence2.py --ckpt PATH --image IMG --task '<OD>' [--text ...] [--out out.png];
+                       --images DIR_OR_GLOB labels a folder into JSON lines or a COCO file, resumably
 """
 import argparse
+import glob
 import itertools
 import json
 import math
@@ -26,6 +28,8 @@ import os
 import random
 import re
 import sys
+import tempfile
+import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -1757,7 +1761,12 @@ def evaluate(model, val, tokenizer, cfg: StageConfig):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 11. Command line: python florence2.py --ckpt PATH --image IMG --task '<OD>' [--text ...] [--out out.png]
+# 11. Command line: one image with its answer drawn (--image), or a folder labelled into JSON lines or a COCO
+# file (--images), in batches, resumably: python florence2.py --ckpt PATH --images DIR --task '<OD>'
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+BOX_TASKS = tuple(t for t, (_, kind) in TASKS.items() if kind not in ("pure_text", "polygons", "ocr"))  # --format coco
 
 
 def load_for_inference(path):
@@ -1810,34 +1819,193 @@ def draw_answer(image, answer, path):
     canvas.save(path, format="PNG")
 
 
+def find_images(source):
+    """--images: a folder (its files with an image extension, subfolders included) or a glob (every file it
+    matches) -> sorted paths, the order they are labelled in, so that a rerun meets them in the same order."""
+    if os.path.isdir(source):
+        found = [os.path.join(root, name) for root, _, names in os.walk(source) for name in names
+                 if name.lower().endswith(IMAGE_EXTENSIONS)]
+    else:
+        found = [path for path in glob.glob(source, recursive=True) if os.path.isfile(path)]
+    return sorted(found)
+
+
+def read_labels(path):
+    """The lines an earlier run wrote to a labels file -> list of dicts ([] if there is no file). A last line
+    without its newline was torn by a kill mid-write: it is cut off the file, so its image is labelled again."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        raw = f.read()
+    end = raw.rfind(b"\n") + 1  # where the complete lines end
+    if end < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+        print(f"{path}: cut a torn last line (a killed run); its image is labelled again", file=sys.stderr)
+    records = []
+    for number, line in enumerate(raw[:end].splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not {"file", "task"} <= record.keys():
+                raise ValueError
+        except (ValueError, AttributeError):
+            raise ValueError(f"{path}:{number}: not a labels line (file, task, answer); fix or remove it, or "
+                             f"write to another --out") from None
+        records.append(record)
+    return records
+
+
+def label_key(record):  # a rerun skips an image already labelled for this task and text
+    return record["file"], record["task"], record.get("text")
+
+
+def label_images(model, tokenizer, style, size, paths, task, text, out, batch_size=8, num_beams=3,
+                 max_new_tokens=1024):
+    """Label `paths` in batches, appending one JSON line per image to `out`: {"file", "width", "height", "task",
+    "text" (when the task takes one), "answer": the post-processed answer}. Each batch's lines go out in one write,
+    flushed to disk, so a kill loses at most the batch in flight. An image that does not decode is skipped, not
+    fatal: returns their messages. A progress line with the rate and ETA goes to stderr."""
+    bad, start, tty = [], time.time(), sys.stderr.isatty()
+    with open(out, "a") as f:
+        for i in range(0, len(paths), batch_size):
+            images = []
+            for path in paths[i:i + batch_size]:
+                try:
+                    images.append((path, data.load_image(path, "--images")))
+                except data.DataError as e:
+                    bad.append(str(e))
+            answers = generate_answers(model, tokenizer, [(image, task, text) for _, image in images], size, style,
+                                       max_new_tokens, batch_size, num_beams)
+            lines = [json.dumps({"file": path, "width": image.width, "height": image.height, "task": task,
+                                 **({"text": text} if text else {}),
+                                 "answer": post_process(answer, task, image.size)[task]}) + "\n"
+                     for (path, image), answer in zip(images, answers)]
+            f.write("".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+            n, seconds = min(i + batch_size, len(paths)), time.time() - start
+            print(f"{n}/{len(paths)} images | {len(bad)} unreadable | {n / seconds:.2f} images/s | "
+                  f"ETA {clock(seconds / n * (len(paths) - n))}", end="\r" if tty else "\n", file=sys.stderr)
+    if tty and paths:
+        print(file=sys.stderr)
+    return bad
+
+
+def clock(seconds):  # 3725.2 -> "1:02:05"
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def labels_to_coco(records, folder):
+    """Lines of one box task -> a COCO instances dict, as dyhead.read_coco and dyhead.CocoImages read it (file
+    names relative to `folder`, the COCO file's): one category per label name, sorted, ids from 1 (an unnamed
+    region proposal is an "object"); one annotation per box, corners put in order, empty boxes left out. An answer
+    has no confidences, so a box's score is 1 / (1 + its place in the answer), the ranking mean_average_precision
+    uses: the annotations double as a results list for dyhead.coco_eval against a ground-truth file."""
+    labels = lambda answer: answer.get("labels", answer.get("bboxes_labels", []))  # noqa: E731
+    names = sorted({name or "object" for r in records for name in labels(r["answer"])})
+    category = {name: k for k, name in enumerate(names, 1)}
+    images, annotations = [], []
+    for image_id, r in enumerate(records, 1):
+        images.append({"id": image_id, "file_name": os.path.relpath(os.path.abspath(r["file"]), folder),
+                       "width": r["width"], "height": r["height"]})
+        for place, (box, name) in enumerate(zip(r["answer"]["bboxes"], labels(r["answer"]))):
+            x0, y0, x1, y1 = min(box[0], box[2]), min(box[1], box[3]), max(box[0], box[2]), max(box[1], box[3])
+            if x1 > x0 and y1 > y0:
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                    "category_id": category[name or "object"], "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                    "area": (x1 - x0) * (y1 - y0), "iscrowd": 0, "score": 1 / (1 + place)})
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": k, "name": name} for name, k in category.items()]}
+
+
+def write_json(obj, path):
+    """Write through a temporary file in the same folder and rename it: a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Run Florence-2 on one image and draw the answer.")
+    parser = argparse.ArgumentParser(description="Run Florence-2 on one image and draw the answer (--image), or "
+                                                 "label a folder of images, resumably (--images).")
     parser.add_argument("--ckpt", required=True, help="a transformers-layout Florence-2 folder, or a train.py "
                                                       "checkpoint (out_dir/ckpt.pt)")
-    parser.add_argument("--image", required=True, help="an image file of any size and mode")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="an image file of any size and mode")
+    source.add_argument("--images", help="a folder (its image files, subfolders included) or a quoted glob "
+                                         "('photos/**/*.jpg')")
     parser.add_argument("--task", required=True, help=f"one of: {' '.join(TASKS)}")
     parser.add_argument("--text", default=None, help="the task's input: a phrase, or a region as four <loc_*>")
-    parser.add_argument("--out", default="out.png", help="PNG to write with the answer drawn")
+    parser.add_argument("--out", default=None, help="--image: the PNG with the answer drawn (out.png); --images: "
+                                                    "the JSON-lines labels file (labels.jsonl), or with --format coco "
+                                                    "the COCO file (labels.json)")
+    parser.add_argument("--format", choices=("jsonl", "coco"), default="jsonl",
+                        help=f"--images: coco makes OUT a COCO instances file for a box task ({' '.join(BOX_TASKS)}), "
+                             f"written at the end; the lines that make the run resumable go beside it, named .jsonl")
+    parser.add_argument("--batch_size", type=int, default=8, help="--images: images per generation call")
     parser.add_argument("--num_beams", type=int, default=3)
     parser.add_argument("--max_new_tokens", type=int, default=1024, help="capped by the model's positions")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                        help="the weights' type: bfloat16 on CPUs and GPUs that support it, float16 on GPUs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if args.num_beams < 1 or args.max_new_tokens < 1:
-        parser.error("--num_beams and --max_new_tokens must be at least 1")
-    try:
-        task_prompt(args.task, args.text)  # the task and its input, checked before anything is loaded
-        image = data.load_image(args.image, f"--image {args.image}")
+    if args.num_beams < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
+        parser.error("--num_beams, --max_new_tokens and --batch_size must be at least 1")
+    text = args.text or None
+    if args.images is not None:
+        out = args.out or ("labels.json" if args.format == "coco" else "labels.jsonl")
+        lines_path = os.path.splitext(out)[0] + ".jsonl" if args.format == "coco" else out
+        if args.format == "coco" and lines_path == out:
+            parser.error(f"--format coco writes a .json file, not --out {out}")
+        if args.format == "coco" and args.task not in BOX_TASKS:
+            parser.error(f"--format coco needs a box task ({', '.join(BOX_TASKS)}), not {args.task}")
+    elif args.format == "coco":
+        parser.error("--format coco labels a folder: use --images")
+    try:  # everything that can be wrong is found before the model is loaded
+        task_prompt(args.task, text)  # the task and its input
+        if args.images is None:
+            image = data.load_image(args.image, f"--image {args.image}")
+        else:
+            paths = find_images(args.images)
+            if not paths:
+                raise ValueError(f"--images {args.images}: no image files found (a folder is searched for "
+                                 f"{', '.join(IMAGE_EXTENSIONS)}; quote a glob so the shell leaves it to us)")
+            done = {label_key(r) for r in read_labels(lines_path)}
         model, tokenizer, style, size = load_for_inference(args.ckpt)
-    except (ValueError, OSError) as e:  # bad task, missing --text, unreadable image or checkpoint
+    except (ValueError, OSError) as e:  # bad task, missing --text, no or unreadable images, bad checkpoint
         parser.exit(2, f"error: {e}\n")
-    model.to(args.device)
+    model.to(args.device, DTYPES[args.dtype])  # the model casts the pixels to its weights' type
     max_new_tokens = min(args.max_new_tokens, model.cfg.max_position_embeddings - 1)
-    text, = generate_answers(model, tokenizer, [(image, args.task, args.text)], size, style, max_new_tokens,
-                             num_beams=args.num_beams)
-    answer = post_process(text, args.task, image.size)
-    print(json.dumps(answer))
-    draw_answer(image, answer[args.task], args.out)
-    print(f"wrote {args.out}", file=sys.stderr)
+    if args.images is None:
+        answer_text, = generate_answers(model, tokenizer, [(image, args.task, text)], size, style, max_new_tokens,
+                                        num_beams=args.num_beams)
+        answer = post_process(answer_text, args.task, image.size)
+        print(json.dumps(answer))
+        draw_answer(image, answer[args.task], args.out or "out.png")
+        print(f"wrote {args.out or 'out.png'}", file=sys.stderr)
+        return
+
+    todo = [path for path in paths if (path, args.task, text) not in done]
+    print(f"{lines_path}: {len(paths) - len(todo)} of {len(paths)} images already labelled, {len(todo)} to go",
+          file=sys.stderr)
+    start = time.time()
+    bad = label_images(model, tokenizer, style, size, todo, args.task, text, lines_path, args.batch_size,
+                       args.num_beams, max_new_tokens)
+    print(f"labelled {len(todo) - len(bad)} images in {clock(time.time() - start)} -> {lines_path}", file=sys.stderr)
+    if args.format == "coco":
+        wanted = set(paths)
+        records = [r for r in read_labels(lines_path) if r["file"] in wanted and r["task"] == args.task
+                   and r.get("text") == text]
+        coco = labels_to_coco(records, os.path.dirname(os.path.abspath(out)))
+        write_json(coco, out)
+        print(f"wrote {out}: {len(coco['images'])} images, {len(coco['annotations'])} boxes, "
+              f"{len(coco['categories'])} categories", file=sys.stderr)
+    if bad:
+        print(f"{len(bad)} unreadable images skipped:", *bad, sep="\n  ", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -323,7 +323,8 @@ def main(argv):
         return metrics
 
     if tcfg.eval_only:
-        metrics = run_eval()
+        with autocast:  # --dtype=bfloat16 evaluates in bf16, as it would train
+            metrics = run_eval()
         log({"step": step, "eval": metrics})
         finish(metrics, master, ddp)
         return metrics
