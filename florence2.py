@@ -351,9 +351,10 @@ class ImageProjection(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention. `cache` is a dict owned by one layer during generation: self-attention
-    appends each step's keys/values to it (it grows by one position per step); cross-attention fills it
-    once from the encoder output and reuses it for every later step."""
+    """Multi-head attention. During generation, keys/values come from the decoder's KVCache. Self-attention
+    gets cache = (keys, values, past): buffers preallocated for the whole answer and the number of positions
+    already in them; the call writes its own keys/values after those and attends to all of them.
+    Cross-attention gets kv = (keys, values) of the encoder output, computed once before the first step."""
 
     def __init__(self, dim, heads, dropout):
         super().__init__()
@@ -364,20 +365,21 @@ class Attention(nn.Module):
     def split(self, x):  # (B, T, d) -> (B, heads, T, d/heads)
         return x.view(x.shape[0], x.shape[1], self.heads, -1).transpose(1, 2)
 
-    def forward(self, x, source=None, mask=None, is_causal=False, cache=None):
+    def forward(self, x, source=None, mask=None, is_causal=False, cache=None, kv=None):
         """x (B, T, d) attends to source (B, S, d), or to itself when source is None.
         mask: bool, broadcastable to (B, heads, T, S), True where attending is allowed."""
         B, T, d = x.shape
         q = self.split(self.q_proj(x))
-        if source is not None and cache is not None and "k" in cache:
-            k, v = cache["k"], cache["v"]
+        if kv is not None:
+            k, v = kv  # the encoder output's, the same at every step
+        elif cache is not None:  # a generation step: write x's keys/values in place, behind the past ones
+            k_buf, v_buf, past = cache  # (B, heads, max_len, d/heads) each
+            k_buf[:, :, past:past + T] = self.split(self.k_proj(x))
+            v_buf[:, :, past:past + T] = self.split(self.v_proj(x))
+            k, v = k_buf[:, :, :past + T], v_buf[:, :, :past + T]  # (B, heads, past + T, d/heads), views
         else:
             kv = x if source is None else source
             k, v = self.split(self.k_proj(kv)), self.split(self.v_proj(kv))  # (B, heads, S, d/heads)
-            if cache is not None:
-                if source is None and "k" in cache:
-                    k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-                cache["k"], cache["v"] = k, v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, heads, T, d/h)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, d))  # (B, T, heads, d/heads) -> (B, T, d)
@@ -410,10 +412,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, memory, memory_mask, self_mask, is_causal, cache):
         drop = lambda y: F.dropout(y, self.dropout, self.training)  # noqa: E731
-        self_cache, cross_cache = (None, None) if cache is None else (cache["self"], cache["cross"])
+        self_cache, cross_cache = (None, None) if cache is None else cache
         y = self.self_attn(x, mask=self_mask, is_causal=is_causal, cache=self_cache)
         x = self.self_attn_layer_norm(x + drop(y))
-        y = self.encoder_attn(x, source=memory, mask=memory_mask, cache=cross_cache)
+        y = self.encoder_attn(x, source=memory, mask=memory_mask, kv=cross_cache)
         x = self.encoder_attn_layer_norm(x + drop(y))
         return self.final_layer_norm(x + drop(self.ffn(x)))
 
@@ -452,25 +454,88 @@ class Decoder(nn.Module):
 
     def forward(self, x, memory, memory_mask, cache=None):
         """x: (B, T, d) embeddings of the next T target tokens; memory: (B, S, d) encoder output;
-        memory_mask: (B, S) bool; cache: list of per-layer dicts from Florence2.new_cache(), or None."""
+        memory_mask: (B, S) bool. Generation passes a KVCache instead of memory and memory_mask (None): it
+        holds the encoder output's keys/values and mask for the rows it decodes, and the past positions."""
         T = x.shape[1]
-        past = cache[0]["self"]["k"].shape[2] if cache and "k" in cache[0]["self"] else 0
+        past = 0 if cache is None else cache.length
         if past + T > self.embed_positions.num_embeddings - 2:
             raise ValueError(f"decoder sequence of {past + T} tokens exceeds max_position_embeddings="
                              f"{self.embed_positions.num_embeddings - 2}")
+        if cache is not None and past + T > cache.max_len:
+            raise ValueError(f"the cache holds {cache.max_len} positions, {past + T} asked for")
         x = self.layernorm_embedding(x + self.embed_positions(torch.arange(past, past + T, device=x.device) + 2))
         x = F.dropout(x, self.dropout, self.training)
-        # causal: token t sees the cached past and new tokens up to itself (no mask needed for one new token)
+        # causal: token t sees the cached past and new tokens up to itself (no mask needed for one new token;
+        # T is tested first so that a compiled step, where past varies, sees a plain bool)
         self_mask = None
-        if past and T > 1:
+        if T > 1 and past:
             self_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)  # (T, past+T)
-        memory_mask = None if bool(memory_mask.all()) else memory_mask[:, None, None, :]  # (B, 1, 1, S)
-        for i, layer in enumerate(self.layers):
-            if cache is None:  # teacher forcing (training): the layers may be checkpointed
+        if cache is None:  # teacher forcing (training): the layers may be checkpointed
+            memory_mask = None if bool(memory_mask.all()) else memory_mask[:, None, None, :]  # (B, 1, 1, S)
+            for layer in self.layers:
                 x = run_layer(self, layer, x, memory, memory_mask, self_mask, T > 1, None)
-            else:
-                x = layer(x, memory, memory_mask, self_mask, past == 0 and T > 1, cache[i])
+            return x
+        for i, layer in enumerate(self.layers):
+            x = layer(x, None, cache.memory_mask(), self_mask, T > 1 and past == 0, cache.layer(i))
+        cache.length += T
         return x
+
+
+class KVCache:
+    """What the decoder attends to during generation, for all layers at once, in tensors allocated once.
+
+    Self-attention: buffers (layers, N, heads, max_len, d/heads). Step t writes position t and attends to
+    positions 0..t, a view of the buffer, so a step copies one position instead of the whole past (as
+    torch.cat would) and memory does not grow. Cross-attention: the encoder output's keys/values
+    (layers, N, heads, S, d/heads) and its padding mask, computed once before the first step.
+
+    Only slots 0..rows-1 are decoded. Greedy search calls `drop` when rows finish, so a finished row costs
+    nothing more; beam search calls `reorder` as hypotheses move between beams."""
+
+    def __init__(self, decoder, memory, memory_mask, max_len, repeat=1):
+        """memory (B, S, d) and memory_mask (B, S) bool: the encoder output; repeat: slots per memory row (the
+        beams), which share its cross-attention keys/values, so those are computed once per image."""
+        cross = [layer.encoder_attn for layer in decoder.layers]
+        self.cross_k = torch.stack([a.split(a.k_proj(memory)) for a in cross])  # (layers, B, heads, S, d/heads)
+        self.cross_v = torch.stack([a.split(a.v_proj(memory)) for a in cross])
+        mask = None if bool(memory_mask.all()) else memory_mask[:, None, None, :].clone()  # (B, 1, 1, S), own
+        if repeat > 1:
+            self.cross_k, self.cross_v = (t.repeat_interleave(repeat, 1) for t in (self.cross_k, self.cross_v))
+            mask = None if mask is None else mask.repeat_interleave(repeat, 0)
+        self.mask = mask
+        n_layers, N, heads, _, head_dim = self.cross_k.shape
+        self.self_k = memory.new_empty(n_layers, N, heads, max_len, head_dim)
+        self.self_v = torch.empty_like(self.self_k)
+        self.max_len, self.length, self.rows = max_len, 0, N  # positions held, positions written, slots decoded
+
+    def layer(self, i):  # layer i's view of the slots decoded: ((keys, values, past), (cross keys, values))
+        n = self.rows
+        return (self.self_k[i, :n], self.self_v[i, :n], self.length), (self.cross_k[i, :n], self.cross_v[i, :n])
+
+    def memory_mask(self):  # (rows, 1, 1, S) bool, or None when nothing is padding
+        return None if self.mask is None else self.mask[:self.rows]
+
+    def drop(self, finished):
+        """Stop decoding the slots where finished (rows,) bool is True. Running slots from the end of the range
+        move into the finished slots in front of them, so the slots decoded next are again the first `rows`
+        (a view, no copy) and only the rows that move are copied. Returns (to, frm): slot frm[k] moved to to[k]."""
+        n = self.rows - int(finished.sum())
+        to = finished[:n].nonzero().squeeze(1)  # finished slots that stay in range
+        frm = (~finished[n:]).nonzero().squeeze(1) + n  # running slots past the new end, as many
+        for t in (self.self_k, self.self_v):
+            t[:, to, :, :self.length] = t[:, frm, :, :self.length]  # only the positions written
+        for t in (self.cross_k, self.cross_v):
+            t[:, to] = t[:, frm]
+        if self.mask is not None:
+            self.mask[to] = self.mask[frm]
+        self.rows = n
+        return to, frm
+
+    def reorder(self, index):
+        """Beam search moved hypotheses: slot i continues the hypothesis that was in slot index[i], so the
+        self-attention keys/values follow it. The beams of an image share the cross-attention ones, which stay."""
+        for t in (self.self_k, self.self_v):
+            t[:, :, :, :self.length] = t[:, index, :, :self.length]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -566,8 +631,10 @@ class Florence2(nn.Module):
         for part in (self.vision_tower, self.encoder, self.decoder):
             part.grad_checkpointing = enable
 
-    def new_cache(self):
-        return [{"self": {}, "cross": {}} for _ in self.decoder.layers]
+    def new_cache(self, memory, memory_mask, max_len, repeat=1):
+        """The decoder's KVCache for answers of up to max_len tokens, from encode()'s output; repeat: slots per
+        image (the beams)."""
+        return KVCache(self.decoder, memory, memory_mask, max_len, repeat)
 
     # -- generation --------------------------------------------------------------------------------
     # Greedy and beam search follow the transformers library's rules exactly (same stopping rule, same
@@ -587,18 +654,19 @@ class Florence2(nn.Module):
             raise ValueError(f"need num_beams >= 1 and early_stopping in (True, False, 'never'), got "
                              f"{num_beams}, {early_stopping!r}")
         memory, mask = self.encode(pixel_values, input_ids, attention_mask)
-        memory, mask = memory.repeat_interleave(num_beams, 0), mask.repeat_interleave(num_beams, 0)  # beams of a row
+        cache = self.new_cache(memory, mask, max_len, repeat=num_beams)  # the beams of an image share its memory
 
-        def next_scores(seqs, cache):  # seqs (N, L) so far -> constrained scores (N, vocab) of token L
-            scores = self.decode(seqs[:, -1:], memory, mask, cache)[:, -1].float()  # only the new token is fed
+        def next_scores(seqs):  # seqs (N, L) so far, one per decoded slot -> constrained scores (N, vocab) of token L
+            scores = self.decode(seqs[:, -1:], None, None, cache)[:, -1].float()  # only the new token is fed
             if num_beams > 1:  # beams add up log-probabilities; greedy takes the argmax of the logits
                 scores = F.log_softmax(scores, dim=-1)
             return self._constrain(seqs, scores, max_len, no_repeat_ngram_size)
 
         B = input_ids.shape[0]
         if num_beams == 1:
-            return self._greedy(next_scores, B, max_len, memory.device)
-        return self._beam_search(next_scores, B, num_beams, max_len, length_penalty, early_stopping, memory.device)
+            return self._greedy(next_scores, cache, B, max_len, memory.device)
+        return self._beam_search(next_scores, cache, B, num_beams, max_len, length_penalty, early_stopping,
+                                 memory.device)
 
     def _constrain(self, seqs, scores, max_len, ngram):
         """Decoding rules, in transformers' order: never repeat an n-gram; <s> first; </s> at the limit."""
@@ -614,18 +682,26 @@ class Florence2(nn.Module):
                 scores[:, forced] = 0.0
         return scores
 
-    def _greedy(self, next_scores, B, max_len, device):
+    def _greedy(self, next_scores, cache, B, max_len, device):
+        """Append each running row's argmax until every row has written </s>. A row that ends leaves the decoded
+        slots (KVCache.drop), so later steps compute only the rows still running; the rest of it stays pad."""
         cfg = self.cfg
-        seqs = torch.full((B, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        cache = self.new_cache()
-        while seqs.shape[1] < max_len and not done.all():
-            token = next_scores(seqs, cache).argmax(-1).masked_fill(done, cfg.pad_token_id)  # (B,)
-            seqs = torch.cat([seqs, token[:, None]], dim=1)
-            done |= token == cfg.eos_token_id
+        seqs = torch.full((B, max_len), cfg.pad_token_id, dtype=torch.long, device=device)
+        seqs[:, 0] = cfg.decoder_start_token_id
+        row = torch.arange(B, device=device)  # row[i]: the row that cache slot i decodes
+        for L in range(1, max_len):
+            token = next_scores(seqs[row, :L]).argmax(-1)  # (rows,)
+            seqs[row, L] = token
+            ended = token == cfg.eos_token_id
+            if ended.all():
+                return seqs[:, :L + 1]
+            if ended.any():
+                to, frm = cache.drop(ended)
+                row[to] = row[frm]
+                row = row[:cache.rows]
         return seqs
 
-    def _beam_search(self, next_logprobs, B, nb, max_len, length_penalty, early_stopping, device):
+    def _beam_search(self, next_logprobs, cache, B, nb, max_len, length_penalty, early_stopping, device):
         """Keep nb running hypotheses per row. Each step expands them all, keeps the 2*nb best candidates
         (so nb can go on even if nb of them just ended), moves the ended ones among the top nb into the
         finished pool (score / length^length_penalty) and continues with the nb best that did not end."""
@@ -640,9 +716,8 @@ class Florence2(nn.Module):
         improvable = torch.ones(B, 1, dtype=torch.bool, device=device)  # could a running beam still win?
         top_nb = torch.arange(K, device=device) < nb
         offsets = torch.arange(B, device=device)[:, None] * nb
-        cache = self.new_cache()
         for L in range(1, max_len):
-            logprobs = next_logprobs(seqs.view(B * nb, L), cache)  # (B, nb, L) -> (B*nb, L) -> (B*nb, V)
+            logprobs = next_logprobs(seqs.view(B * nb, L))  # (B, nb, L) -> (B*nb, L) -> (B*nb, V)
             V = logprobs.shape[-1]
             total = (logprobs.view(B, nb, V) + scores[..., None]).view(B, nb * V)  # (B, nb, V) -> (B, nb*V)
             cand_scores, cand = total.topk(K)  # (B, K), best first
@@ -668,7 +743,7 @@ class Florence2(nn.Module):
             done_scores = pool_scores.gather(1, best)
             done_len = torch.cat([done_len, torch.full_like(token, L)], 1).gather(1, best)
             is_done = torch.cat([is_done, finished], 1).gather(1, best)
-            self._reorder_cache(cache, (parent + offsets).view(-1))
+            cache.reorder((parent + offsets).view(-1))  # the self-attention keys/values follow their hypothesis
             # stop when no row can improve, or every row holds nb finished hypotheses (early_stopping=True)
             best_len = max_len - 1 if (early_stopping == "never" and length_penalty > 0) else L
             best_running = scores[:, :1] / (best_len ** length_penalty)
@@ -677,14 +752,6 @@ class Florence2(nn.Module):
             if not improvable.any() or (is_done.all() and early_stopping is True) or ended.all():
                 break
         return done_seqs[:, 0, : 1 + int(done_len[:, 0].max())]
-
-    @staticmethod
-    def _reorder_cache(cache, index):
-        """Beam search moved hypotheses around: the self-attention cache follows its hypothesis. The
-        cross-attention keys/values are the same for all beams of a row, so they stay."""
-        for layer in cache:
-            layer["self"]["k"] = layer["self"]["k"].index_select(0, index)
-            layer["self"]["v"] = layer["self"]["v"].index_select(0, index)
 
     @classmethod
     def from_pretrained(cls, folder):
@@ -1951,6 +2018,9 @@ def main(argv=None):
     parser.add_argument("--max_new_tokens", type=int, default=1024, help="capped by the model's positions")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                         help="the weights' type: bfloat16 on CPUs and GPUs that support it, float16 on GPUs")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decoder's step with torch.compile: a minute or more before the first "
+                             "answer, so it can pay only on a long run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.num_beams < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
@@ -1979,6 +2049,8 @@ def main(argv=None):
     except (ValueError, OSError) as e:  # bad task, missing --text, no or unreadable images, bad checkpoint
         parser.exit(2, f"error: {e}\n")
     model.to(args.device, DTYPES[args.dtype])  # the model casts the pixels to its weights' type
+    if args.compile:  # dynamic shapes: the rows decoded and the answer length change without recompiling
+        model.decoder.compile(dynamic=True)
     max_new_tokens = min(args.max_new_tokens, model.cfg.max_position_embeddings - 1)
     if args.images is None:
         answer_text, = generate_answers(model, tokenizer, [(image, args.task, text)], size, style, max_new_tokens,

@@ -94,23 +94,20 @@ def hf_florence2_config(cfg, image_token_id):
     return Florence2Config(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=image_token_id)
 
 
-def bench_florence2():
-    """Florence-2 base vs transformers Florence2ForConditionalGeneration, same random weights, no dropout, one
-    768 px image and a 10-token prompt: forward + backward on 32 target tokens, greedy and 3-beam generation of
-    32 new tokens. Seconds per call on a few cores, hence 1 warm-up round; 7 timed ones (~6 min in all on 2),
-    as with 3 the ratio moved by +-0.02 between runs, which is the whole question at parity."""
+def florence2_pair(model_cfg):
+    """transformers Florence2ForConditionalGeneration with random weights in the size of model_cfg, and ours loaded
+    from its saved folder. Dropout off on both sides (transformers' BART drops 0.1 by default), so train mode
+    computes the same thing. Returns (our config, transformers' image token id, ours, transformers')."""
     import tempfile
     from dataclasses import replace
 
-    import torch.nn.functional as F
     from transformers import Florence2ForConditionalGeneration
 
     import florence2 as f2
 
-    # dropout off on both sides (transformers' BART drops 0.1 by default), so train mode computes the same thing
-    cfg = replace(f2.MODELS["base"], dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-                  vision=replace(f2.MODELS["base"].vision, drop_path_rate=0.0))
-    image_token = cfg.vocab_size - 1  # transformers' image placeholder; the prompt below never uses it
+    cfg = replace(model_cfg, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                  vision=replace(model_cfg.vision, drop_path_rate=0.0))
+    image_token = cfg.vocab_size - 1  # transformers' image placeholder; the prompts never use it
     torch.manual_seed(0)
     reference = Florence2ForConditionalGeneration(hf_florence2_config(cfg, image_token)).float()
     with torch.no_grad():  # random weights rarely end a sequence, a small </s> embedding makes sure they never do
@@ -119,9 +116,21 @@ def bench_florence2():
     with tempfile.TemporaryDirectory() as folder:
         reference.save_pretrained(folder)
         ours = f2.Florence2.from_pretrained(folder)
-    # the config made the round trip (the image size is the processor's, not in config.json): we time base
+    # the config made the round trip (the image size is the processor's, not in config.json): we time that size
     assert replace(ours.cfg, image_size=cfg.image_size) == cfg, ours.cfg
+    return cfg, image_token, ours, reference
 
+
+def bench_florence2():
+    """Florence-2 base vs transformers Florence2ForConditionalGeneration, same random weights, no dropout, one
+    768 px image and a 10-token prompt: forward + backward on 32 target tokens, greedy and 3-beam generation of
+    32 new tokens. Seconds per call on a few cores, hence 1 warm-up round; 7 timed ones (~6 min in all on 2),
+    as with 3 the ratio moved by +-0.02 between runs, which is the whole question at parity."""
+    import torch.nn.functional as F
+
+    import florence2 as f2
+
+    cfg, image_token, ours, reference = florence2_pair(f2.MODELS["base"])
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(1, 3, cfg.image_size, cfg.image_size, generator=g)
     prompt = torch.cat([torch.tensor([[cfg.bos_token_id]]), torch.randint(3, image_token, (1, 8), generator=g),
@@ -175,6 +184,83 @@ def bench_florence2():
         lengths = out["ours"].shape[1] - 1, out["transformers"].shape[1] - 1
         report(f"florence2 {'greedy' if beams == 1 else f'{beams}-beam'} generation, new tokens ours/transformers "
                f"{lengths[0]}/{lengths[1]}, ids identical: {same}", timing, "transformers")
+
+
+def bench_florence2_label(size="base", new_tokens=64, batches=(1, 8), reps=5, compile=False):
+    """Labelling throughput, images per second: Florence-2 base with the same random weights in ours and
+    transformers Florence2ForConditionalGeneration, 768 px images, an <OD>-sized prompt (<s> 12 words </s>),
+    greedy generation of `new_tokens` new tokens (no early </s>: the random weights never write it, so both
+    write exactly new_tokens, the last one the </s> forced at the limit), at each batch size in `batches`:
+      (a) ours fp32 vs transformers `generate` fp32, (b) ours bf16 vs transformers bf16,
+      (c) our fastest path (fp32 or bf16; also bf16 with the decoder compiled, if compile=True) vs transformers
+          as users run it by default, fp32 eager.
+    The fp32 ids must be identical between ours and transformers, and between our batch and batch-1 runs.
+    A smoke run (a narrow model, a few tokens), from tests/:
+    python -c 'import bench; bench.bench_florence2_label("tiny", new_tokens=4, reps=1)'."""
+    import copy
+    from dataclasses import replace
+
+    import florence2 as f2
+
+    base = f2.MODELS["base"]
+    if size == "tiny":  # base's image size and vocabulary, narrow and shallow: checks that the bench runs
+        base = replace(base, d_model=64, encoder_layers=1, decoder_layers=1, encoder_heads=4, decoder_heads=4,
+                       encoder_ffn_dim=128, decoder_ffn_dim=128,
+                       vision=replace(base.vision, embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1),
+                                      num_heads=(1, 2, 3, 4), num_groups=(1, 2, 3, 4)))
+    cfg, image_token, ours, reference = florence2_pair(base)
+    ours.eval(), reference.eval()
+    models = {"fp32": (ours, reference),  # dtype -> (ours, transformers'), the same weights
+              "bf16": (copy.deepcopy(ours).to(torch.bfloat16), copy.deepcopy(reference).to(torch.bfloat16))}
+    if compile:  # ours only: timed against transformers fp32
+        models["bf16 compiled"] = (copy.deepcopy(models["bf16"][0]), reference)
+        models["bf16 compiled"][0].decoder.compile(dynamic=True)
+    n_image = 1 + (cfg.image_size // math.prod(cfg.vision.patch_stride)) ** 2  # 577 image tokens at 768 px
+    g = torch.Generator().manual_seed(0)
+    B = max(batches)
+    pixels = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g)
+    prompt = torch.cat([torch.full((B, 1), cfg.bos_token_id), torch.randint(3, image_token, (B, 12), generator=g),
+                        torch.full((B, 1), cfg.eos_token_id)], 1)  # (B, 14): the length of <OD>'s prompt
+    hf_prompt = torch.cat([torch.full((B, n_image), image_token), prompt], 1)  # transformers marks the image slots
+    print(f"florence2 labelling: {size}, {cfg.image_size} px ({n_image} image tokens), {prompt.shape[1]} prompt "
+          f"tokens, greedy, {new_tokens} new tokens, CPU, {torch.get_num_threads()} threads, transformers attention "
+          f"{reference.config._attn_implementation}")
+    # our fp32 ids of each image alone: a batch must give them row by row
+    alone = [ours.generate(pixels[i:i + 1], prompt[i:i + 1], max_new_tokens=new_tokens)[0].tolist() for i in range(B)]
+
+    for b in batches:
+        out, seconds = {}, {}  # seconds[ours' dtype]: median seconds per call of ours and of transformers beside it
+
+        def ours_generate(model):
+            def run():
+                out["ours"] = model.generate(pixels[:b], prompt[:b], max_new_tokens=new_tokens)
+            return run
+
+        def hf_generate(model):
+            def run():
+                with torch.no_grad():
+                    out["transformers"] = model.generate(pixel_values=pixels[:b], input_ids=hf_prompt[:b],
+                                                         max_new_tokens=new_tokens, do_sample=False, num_beams=1)
+            return run
+
+        for dtype, (mine, theirs) in models.items():
+            their_dtype = "fp32" if theirs is reference else dtype
+            timing = time_alternating(ours_generate(mine), hf_generate(theirs), warmup=1, reps=reps)
+            seconds[dtype] = timing[:2]
+            same = out["ours"].tolist() == out["transformers"].tolist()
+            lengths = out["ours"].shape[1] - 1, out["transformers"].shape[1] - 1
+            report(f"batch {b}, ours {dtype} {b / timing[0]:.3f} images/s, transformers {their_dtype} "
+                   f"{b / timing[1]:.3f} images/s (new tokens {lengths[0]}/{lengths[1]}, ids identical: {same})",
+                   timing, "transformers")
+            if dtype == "fp32":
+                assert same and lengths == (new_tokens, new_tokens), (out["ours"], out["transformers"])
+                assert out["ours"].tolist() == alone[:b], "a batch's ids differ from its images' ids alone"
+        fastest = min(seconds, key=lambda dtype: seconds[dtype][0])
+        # (c) against transformers fp32 timed beside it: the fp32 rounds' for ours bf16, its own for the others
+        fp32_rounds = seconds["fp32" if fastest == "bf16" else fastest][1]
+        print(f"batch {b}, images/s ours / transformers: (a) fp32 {seconds['fp32'][1] / seconds['fp32'][0]:.2f}x, "
+              f"(b) bf16 {seconds['bf16'][1] / seconds['bf16'][0]:.2f}x, (c) ours {fastest} vs transformers fp32 "
+              f"eager {fp32_rounds / seconds[fastest][0]:.2f}x")
 
 
 def bench_dyhead():

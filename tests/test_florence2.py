@@ -145,6 +145,97 @@ def test_parity_cases_exercise_early_finish(tmp_path):
         assert min(first_eos) < 16, out  # 16 = where the length limit would force </s>
 
 
+def mixed_batch(n=8):
+    """n images 100x76 and n prompts of different lengths (3 to 9 tokens), right-padded."""
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randn(n, 3, 100, 76, generator=g)
+    lengths = [9, 3, 7, 4, 9, 5, 6, 8][:n]
+    prompt = torch.ones(n, max(lengths), dtype=torch.long)  # pad = 1
+    for b, length in enumerate(lengths):  # <s> words </s>, words clear of the special and image tokens
+        prompt[b, :length] = torch.tensor([0, *torch.randint(3, IMAGE_TOKEN, (length - 2,), generator=g).tolist(), 2])
+    return pixels, prompt, (prompt != 1).long()
+
+
+@pytest.mark.parametrize("num_beams", [1, 3], ids=["greedy", "beam3"])
+def test_batch_of_mixed_prompts_matches_transformers_and_single_rows(checkpoint, num_beams):
+    """A batch of 8 with prompts of different lengths gives transformers' ids, and each row the ids it gets
+    alone (batch 1, no padding), followed by pad where the row ended before the longest one."""
+    hf, ours, _ = checkpoint
+    pixels, prompt, mask = mixed_batch()
+    expected = hf.generate(**hf_inputs(pixels, prompt, mask), max_new_tokens=16, do_sample=False, num_beams=num_beams)
+    got = ours.generate(pixels, prompt, mask, max_new_tokens=16, num_beams=num_beams)
+    assert got.tolist() == expected.tolist()
+    for b in range(len(prompt)):
+        alone = prompt[b:b + 1, :int(mask[b].sum())]
+        single = ours.generate(pixels[b:b + 1], alone, max_new_tokens=16, num_beams=num_beams)[0]
+        hf_single = hf.generate(**hf_inputs(pixels[b:b + 1], alone, torch.ones_like(alone)), max_new_tokens=16,
+                                do_sample=False, num_beams=num_beams)[0]
+        assert single.tolist() == hf_single.tolist()
+        assert got[b, :len(single)].tolist() == single.tolist() and (got[b, len(single):] == 1).all(), b
+
+
+def test_dropping_rows_from_the_cache_keeps_their_logits(checkpoint):
+    """KVCache.drop moves running rows into the slots of finished ones: the next steps' logits of every running row
+    are those of a cache that kept all rows (its past keys/values, encoder keys/values and padding mask moved)."""
+    _, ours, _ = checkpoint
+    pixels, prompt, mask = mixed_batch()
+    seq = torch.randint(3, IMAGE_TOKEN, (8, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        memory, memory_mask = ours.encode(pixels, prompt, mask)
+        full = ours.new_cache(memory, memory_mask, 6)
+        want = torch.cat([ours.decode(seq[:, t:t + 1], None, None, full) for t in range(6)], 1)  # (8, 6, vocab)
+        cache = ours.new_cache(memory, memory_mask, 6)
+        row = torch.arange(8)  # the row each slot decodes
+        got = {b: [] for b in range(8)}
+        for t, finished in enumerate([[1, 0, 0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0], [0, 1, 0, 0, 1, 0], [1, 0, 0, 1],
+                                      [0, 0], [0, 1]]):
+            logits = ours.decode(seq[row, t:t + 1], None, None, cache)  # (rows, 1, vocab)
+            for slot, b in enumerate(row.tolist()):
+                got[b].append(logits[slot, 0])
+            to, frm = cache.drop(torch.tensor(finished, dtype=torch.bool))
+            row[to] = row[frm]
+            row = row[:cache.rows]
+    for b in range(8):
+        torch.testing.assert_close(torch.stack(got[b]), want[b, :len(got[b])], atol=1e-5, rtol=0)
+    assert [len(got[b]) for b in range(8)] == [1, 3, 6, 4, 3, 6, 1, 4]  # rows 0 and 6 ended first, 2 and 5 last
+
+
+def test_greedy_stops_computing_finished_rows(tmp_path, monkeypatch):
+    """Greedy decodes only the rows still running: over all steps the decoder sees exactly one token per generated
+    token of a row (its </s> included), not one per row per step, and the self-attention keys/values are written
+    into the buffers allocated before the first step."""
+    make_hf_model(0, 1.5).save_pretrained(tmp_path)  # weights whose rows end at several different steps
+    ours = f2.Florence2.from_pretrained(str(tmp_path))
+    rows_per_step, buffers = [], set()
+    original = f2.KVCache.layer
+
+    def layer(cache, i):
+        if i == 0:
+            rows_per_step.append(cache.rows)
+            buffers.add(cache.self_k.data_ptr())
+        return original(cache, i)
+
+    monkeypatch.setattr(f2.KVCache, "layer", layer)
+    out = ours.generate(*mixed_batch(), max_new_tokens=24)
+    generated = (out[:, 1:] != 1).sum().item()  # every token up to and with </s>; pad after it
+    lengths = (out[:, 1:] != 1).sum(1)
+    assert lengths.min() < lengths.max(), out  # rows did end at different steps
+    assert sum(rows_per_step) == generated and len(rows_per_step) == out.shape[1] - 1, rows_per_step
+    assert len(buffers) == 1
+
+
+@pytest.mark.slow
+def test_compiled_decoder_generates_the_same_ids(tmp_path):
+    """florence2.py --compile: the decoder compiled with dynamic shapes (rows leave the batch, the answer grows)
+    writes the eager ids. Slow: compiling takes tens of seconds on one CPU core."""
+    make_hf_model(0, 1.5).save_pretrained(tmp_path)
+    ours = f2.Florence2.from_pretrained(str(tmp_path))
+    batch = mixed_batch()
+    eager = ours.generate(*batch, max_new_tokens=24)
+    ours.decoder.compile(dynamic=True)
+    assert ours.generate(*batch, max_new_tokens=24).tolist() == eager.tolist()
+
+
 def test_kv_cache_matches_full_forward(checkpoint):
     _, ours, _ = checkpoint
     pixels, prompt, mask = inputs()
@@ -152,12 +243,12 @@ def test_kv_cache_matches_full_forward(checkpoint):
     with torch.no_grad():
         memory, memory_mask = ours.encode(pixels, prompt, mask)
         full = ours.decode(seq, memory, memory_mask)
-        cache = ours.new_cache()
-        steps = torch.cat([ours.decode(seq[:, t:t + 1], memory, memory_mask, cache) for t in range(seq.shape[1])], 1)
-        cache = ours.new_cache()  # a prefix in one call, then one token at a time
-        mixed = torch.cat([ours.decode(seq[:, :4], memory, memory_mask, cache),
-                           ours.decode(seq[:, 4:6], memory, memory_mask, cache),
-                           ours.decode(seq[:, 6:], memory, memory_mask, cache)], 1)
+        cache = ours.new_cache(memory, memory_mask, seq.shape[1])
+        steps = torch.cat([ours.decode(seq[:, t:t + 1], None, None, cache) for t in range(seq.shape[1])], 1)
+        cache = ours.new_cache(memory, memory_mask, seq.shape[1])  # a prefix in one call, then one token at a time
+        mixed = torch.cat([ours.decode(seq[:, :4], None, None, cache),
+                           ours.decode(seq[:, 4:6], None, None, cache),
+                           ours.decode(seq[:, 6:], None, None, cache)], 1)
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=0)
     torch.testing.assert_close(mixed, full, atol=1e-5, rtol=0)
 
