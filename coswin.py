@@ -8,6 +8,7 @@ pooling on top. Read it top to bottom:
      1b. the CPU toy's BatchNorm conv stem (not in Florence).
   2. Window attention with the relative position bias (Swin section 3.2, Eq. 4).
   3. Shifted windows: cyclic roll + a region mask (Swin section 3.2, Fig. 4); padding for maps windows do not divide.
+     Sections 2-4 work on maps of any number of axes, so video.py's 3D windows (T, H, W) are these same blocks.
   4. The pre-LN Swin block with an MLP and stochastic depth, a stage of blocks, the whole model, named configs.
   5. load_timm_swin: timm's Swin weights into patch mode, which makes this file testable against a reference Swin.
   6. For the adapters (det, vqa, video): load_unicl_tower, the image tower of a train.py UniCL checkpoint, and
@@ -16,6 +17,7 @@ pooling on top. Read it top to bottom:
 Tensors inside a stage are kept channels-last, (B, H, W, C), as in Swin: every LayerNorm and Linear then acts on the
 last dimension without permutes.
 """
+import math
 import os
 from dataclasses import dataclass
 
@@ -169,12 +171,18 @@ class ConvStem(nn.Module):
 # linear in the number of tokens. Each head adds a learned bias B to the logits that depends only on the relative
 # offset of the two tokens: Attention(Q, K, V) = SoftMax(Q K^T / sqrt(d) + B) V (Swin Eq. 4). Offsets along one axis
 # lie in [-M+1, M-1], so the biases live in a table of (2M-1)^2 x heads, and a fixed index buffer picks B out of it.
+# A window is a tuple of sides, one per map axis: (M, M) for images, (Wt, Wh, Ww) for Video Swin's (T, H, W) windows,
+# whose table has (2Wt-1)(2Wh-1)(2Ww-1) rows (Liu et al. 2022, Video Swin section 3.2).
 
-def relative_position_index(wh, ww):
-    """(wh*ww, wh*ww) index into the (2wh-1)(2ww-1) bias table for every (query, key) pair of a window."""
-    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)  # (2, N)
-    rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N) offsets in [-(w-1), w-1]
-    return (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)  # (N, N) row-major in the (2wh-1, 2ww-1) table
+def relative_position_index(window):
+    """(N, N) index into the prod(2w-1)-row bias table for every (query, key) pair of a window of N = prod(w) tokens;
+    the table is row-major over the offsets, the first axis outermost."""
+    coords = torch.stack(torch.meshgrid(*(torch.arange(w) for w in window), indexing="ij")).flatten(1)  # (axes, N)
+    rel = coords[:, :, None] - coords[:, None, :]  # (axes, N, N) offsets in [-(w-1), w-1]
+    index = torch.zeros_like(rel[0])
+    for offsets, w in zip(rel, window):
+        index = index * (2 * w - 1) + offsets + w - 1  # (N, N)
+    return index
 
 
 class WindowAttention(nn.Module):
@@ -183,28 +191,30 @@ class WindowAttention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"channels {dim} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.window_size = window_size
+        self.window_size = tuple(window_size)  # (M, M) for images, (Wt, Wh, Ww) for video
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        rows = math.prod(2 * w - 1 for w in self.window_size)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
         self.fused = None  # None: the fused SDPA kernel on GPU, Eq. 4 written out on CPU; True/False to force one
         # a buffer, not a parameter: it is a fixed function of the window size (not saved, rebuilt on construction)
-        self.register_buffer("relative_position_index", relative_position_index(window_size, window_size),
-                             persistent=False)
+        self.register_buffer("relative_position_index", relative_position_index(self.window_size), persistent=False)
 
-    def relative_position_bias(self, wh, ww):
-        """(heads, wh*ww, wh*ww) bias B of Eq. 4 for a wh x ww window (wh, ww <= M: a map smaller than the window)."""
-        M = self.window_size
-        index = self.relative_position_index.view(M, M, M, M)[:wh, :ww, :wh, :ww]  # (wh, ww, wh, ww): top-left part
+    def relative_position_bias(self, window):
+        """(heads, N, N) bias B of Eq. 4 for a window of sides `window` <= window_size (a map smaller than the
+        nominal window along some axis), N = prod(window)."""
+        M, N = self.window_size, math.prod(window)
+        corner = tuple(slice(0, w) for w in window)
+        index = self.relative_position_index.view(*M, *M)[corner + corner]  # (*window, *window): the top-left part
         bias = self.relative_position_bias_table[index.reshape(-1)]  # (N*N, heads)
-        return bias.view(wh * ww, wh * ww, -1).permute(2, 0, 1)  # (heads, N, N)
+        return bias.view(N, N, -1).permute(2, 0, 1)  # (heads, N, N)
 
     def forward(self, x, window, mask):
         """x: (B, nW, N, C) tokens of nW windows of N = wh*ww tokens; mask: (nW, 1, N, N) additive, or None."""
         B, nW, N, C = x.shape
         heads, hd = self.num_heads, C // self.num_heads
         qkv = self.qkv(x).view(B, nW, N, 3, heads, hd)  # (B, nW, N, 3, heads, hd)
-        bias = self.relative_position_bias(*window)  # (heads, N, N)
+        bias = self.relative_position_bias(window)  # (heads, N, N)
         attn_mask = bias if mask is None else bias + mask  # (heads, N, N) or (nW, heads, N, N): shared by the batch
         if x.is_cuda if self.fused is None else self.fused:
             # the production view (timm's fused path): bias and shift/padding mask folded into one additive
@@ -235,46 +245,59 @@ class WindowAttention(nn.Module):
 # which puts carried-over tokens next to unrelated ones, pytorch-image-models issue #2438; at such sizes we follow
 # the reference order and tests/test_coswin.py checks against a dense brute-force reference instead of timm.)
 # A map no larger than the window along an axis gets a window of the map's size and no shift along that axis (Swin).
+# The reference Video Swin (and torchvision's swin3d_t) lets queries attend to the zero-padded tokens; mask_padding=False
+# follows it, for the patch mode that must equal it.
+# Everything here is per axis, so it holds for maps of any number of axes: (H, W) images and (T, H, W) clips.
 #
 # Padding aside, the roll and the cut into windows only move tokens, so together they are one permutation of the
-# H*W positions. We compute it (and its inverse and the mask) once per map size as an index, and each block moves
+# map's positions. We compute it (and its inverse and the mask) once per map size as an index, and each block moves
 # its tokens with a single index_select each way instead of roll + reshape copies (3x faster on CPU, forward+backward).
 
 def window_partition(x, window):
-    """(B, H, W, C) -> (B, nW, wh*ww, C), windows in row-major order; H, W must be multiples of the window."""
-    (wh, ww), (B, H, W, C) = window, x.shape
-    x = x.view(B, H // wh, wh, W // ww, ww, C).transpose(2, 3)  # (B, H/wh, W/ww, wh, ww, C)
-    return x.reshape(B, -1, wh * ww, C)  # (B, nW, N, C)
+    """(B, *S, C) -> (B, nW, N, C), N = prod(window), windows in row-major order; S must be multiples of the window
+    (S = (H, W) for images, (T, H, W) for clips)."""
+    B, *S, C = x.shape
+    n = len(S)
+    x = x.view(B, *(d for s, w in zip(S, window) for d in (s // w, w)), C)  # (B, S1/w1, w1, S2/w2, w2, ..., C)
+    x = x.permute(0, *range(1, 2 * n, 2), *range(2, 2 * n + 1, 2), 2 * n + 1)  # (B, S1/w1, S2/w2, .., w1, w2, .., C)
+    return x.reshape(B, -1, math.prod(window), C)  # (B, nW, N, C)
 
 
 @dataclass
 class WindowPlan:
-    """How one kind of block (regular or shifted) cuts an H x W map into windows."""
-    window: tuple   # (wh, ww) window actually used
-    padded: tuple   # (Hp, Wp) map size after zero-padding to whole windows
-    order: torch.Tensor    # (Hp*Wp,) flat map position of the token at each window slot, the roll included
-    inverse: torch.Tensor  # (Hp*Wp,) window slot of each flat map position: undoes `order`
+    """How one kind of block (regular or shifted) cuts a map of sides S into windows."""
+    window: tuple   # window actually used, one side per axis
+    padded: tuple   # map sides after zero-padding to whole windows
+    order: torch.Tensor    # (prod(padded),) flat map position of the token at each window slot, the roll included
+    inverse: torch.Tensor  # (prod(padded),) window slot of each flat map position: undoes `order`
     mask: torch.Tensor     # (nW, 1, N, N) additive: -100 across roll borders or onto padding, 0 else; None if no-op
 
 
-def plan_windows(H, W, M, shifted, device):
-    """The WindowPlan of a regular (shifted=False) or shifted block on an H x W map with nominal window M."""
-    window = (min(M, H), min(M, W))
-    shift = (M // 2 if shifted and H > M else 0, M // 2 if shifted and W > M else 0)
-    (wh, ww), (sh, sw) = window, shift
-    Hp, Wp = H + (-H % wh), W + (-W % ww)
-    positions = torch.arange(Hp * Wp, device=device).view(1, Hp, Wp, 1)  # (1, Hp, Wp, 1) flat index of each token
-    positions = torch.roll(positions, shifts=(-sh, -sw), dims=(1, 2))  # the cyclic shift of Swin Fig. 4
+def plan_windows(size, M, shifted, device, mask_padding=True):
+    """The WindowPlan of a regular (shifted=False) or shifted block on a map of sides `size` with nominal window M
+    (a tuple of the same length); mask_padding=False lets queries attend to padded tokens, as the reference does."""
+    window = tuple(min(m, s) for m, s in zip(M, size))
+    shift = tuple(m // 2 if shifted and s > m else 0 for m, s in zip(M, size))
+    padded = tuple(s + (-s % w) for s, w in zip(size, window))
+    axes = tuple(range(1, len(size) + 1))
+    positions = torch.arange(math.prod(padded), device=device).view(1, *padded, 1)  # flat index of each token
+    positions = torch.roll(positions, shifts=tuple(-s for s in shift), dims=axes)  # the cyclic shift of Swin Fig. 4
     order = window_partition(positions, window).reshape(-1)  # (nW*N,)
     mask = None
-    if shift != (0, 0) or (Hp, Wp) != (H, W):
+    if any(shift) or (mask_padding and padded != tuple(size)):
         # along each axis, the first `shift` positions are the ones the roll carries over to the far border; a pair
-        # in one window may attend iff both are real tokens that agree on being carried over, along both axes
-        rows, cols = torch.arange(Hp, device=device)[:, None], torch.arange(Wp, device=device)[None, :]
-        region = (2 * (rows < sh) + (cols < sw)).masked_fill((rows >= H) | (cols >= W), -1)  # (Hp, Wp), -1 = pad
-        region = region.view(-1)[order].view(-1, 1, wh * ww)  # (nW, 1, N)
+        # in one window may attend iff both are real tokens that agree on being carried over, along every axis
+        region, pad = torch.zeros(padded, dtype=torch.long, device=device), torch.zeros(padded, dtype=torch.bool,
+                                                                                       device=device)
+        for axis, (s, sh, p) in enumerate(zip(size, shift, padded)):
+            coord = torch.arange(p, device=device).view([-1 if a == axis else 1 for a in range(len(size))])
+            region = 2 * region + (coord < sh)  # (*padded) one bit per axis
+            pad = pad | (coord >= s)
+        if mask_padding:
+            region = region.masked_fill(pad, -1)  # -1 = padding
+        region = region.view(-1)[order].view(-1, 1, math.prod(window))  # (nW, 1, N)
         mask = (region.transpose(1, 2) != region).float().unsqueeze(1) * -100.0  # (nW, 1, N, N)
-    return WindowPlan(window, (Hp, Wp), order, torch.argsort(order), mask)
+    return WindowPlan(window, padded, order, torch.argsort(order), mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -311,17 +334,17 @@ class SwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x, plan):
-        """x: (B, H, W, C); plan: this block's WindowPlan for an H x W map."""
-        B, H, W, C = x.shape
-        (Hp, Wp), (wh, ww) = plan.padded, plan.window
+        """x: (B, *S, C), S = (H, W) or (T, H, W); plan: this block's WindowPlan for a map of sides S."""
+        B, *S, C = x.shape
+        padded, N = plan.padded, math.prod(plan.window)
         y = self.norm1(x)
-        if (Hp, Wp) != (H, W):
-            y = F.pad(y, (0, 0, 0, Wp - W, 0, Hp - H))  # (B, Hp, Wp, C): pad first, then roll (reference Swin)
-        y = y.reshape(B, Hp * Wp, C).index_select(1, plan.order)  # (B, nW*N, C): rolled and cut into windows
-        y = self.attn(y.view(B, -1, wh * ww, C), plan.window, plan.mask)  # (B, nW, N, C)
-        y = y.view(B, Hp * Wp, C).index_select(1, plan.inverse).view(B, Hp, Wp, C)  # back in place, roll undone
-        if (Hp, Wp) != (H, W):
-            y = y[:, :H, :W]  # (B, H, W, C)
+        if padded != tuple(S):  # (B, *padded, C): pad first, then roll (reference Swin)
+            y = F.pad(y, [0, 0] + [d for s, p in zip(reversed(S), reversed(padded)) for d in (0, p - s)])
+        y = y.reshape(B, -1, C).index_select(1, plan.order)  # (B, nW*N, C): rolled and cut into windows
+        y = self.attn(y.view(B, -1, N, C), plan.window, plan.mask)  # (B, nW, N, C)
+        y = y.view(B, -1, C).index_select(1, plan.inverse).view(B, *padded, C)  # back in place, roll undone
+        if padded != tuple(S):
+            y = y[(slice(None),) + tuple(slice(0, s) for s in S)]  # (B, *S, C)
         x = residual(x, y, self.drop_prob, self.training)
         return residual(x, self.mlp(self.norm2(x)), self.drop_prob, self.training)
 
@@ -329,30 +352,33 @@ class SwinBlock(nn.Module):
 class Stage(nn.Module):
     """One resolution: a token embedding that downsamples (and widens), then `depth` blocks alternating W/SW-MSA."""
 
-    def __init__(self, embed, dim, depth, num_heads, window_size, mlp_ratio, qkv_bias, drop_paths):
+    def __init__(self, embed, dim, depth, num_heads, window_size, mlp_ratio, qkv_bias, drop_paths, mask_padding=True):
         super().__init__()
         self.embed = embed
-        self.window_size = window_size
+        # an int M is the square image window (M, M); a tuple gives one side per map axis
+        window_size = (window_size, window_size) if isinstance(window_size, int) else tuple(window_size)
+        self.window_size, self.mask_padding = window_size, mask_padding
         self.blocks = nn.ModuleList(  # odd blocks use shifted windows
             SwinBlock(dim, num_heads, window_size, i % 2 == 1, mlp_ratio, qkv_bias, p)
             for i, p in enumerate(drop_paths))
         self.grad_checkpointing = False
-        self._plans = {}  # (H, W, device) -> (WindowPlan of the regular blocks, WindowPlan of the shifted ones)
+        self._plans = {}  # (sides, device) -> (WindowPlan of the regular blocks, WindowPlan of the shifted ones)
 
-    def plans(self, H, W, device):
-        """Window plans of the regular and the shifted blocks on an H x W map. They depend only on the map size, so
-        they are built once per size and shared by every block and every step at that size."""
-        key = (H, W, device)
+    def plans(self, size, device):
+        """Window plans of the regular and the shifted blocks on a map of sides `size`. They depend only on the map
+        size, so they are built once per size and shared by every block and every step at that size."""
+        key = (tuple(size), device)
         if key not in self._plans:
             if len(self._plans) >= 32:  # many input sizes (e.g. multi-scale detection): bound the cache
                 self._plans.clear()
             with torch.inference_mode(False):  # a plan first built under inference_mode must still serve training
-                self._plans[key] = tuple(plan_windows(H, W, self.window_size, shifted, device) for shifted in (0, 1))
+                self._plans[key] = tuple(plan_windows(size, self.window_size, shifted, device, self.mask_padding)
+                                         for shifted in (0, 1))
         return self._plans[key]
 
-    def forward(self, x):  # x: (B, C_in, H, W) for the stem, else (B, H, W, C_in) -> (B, H', W', C)
+    def forward(self, x):  # x: (B, C_in, H, W) for the stem, else (B, H, W, C_in) -> (B, H', W', C); clips: (T, H, W)
         x = self.embed(x)
-        plans = self.plans(x.shape[1], x.shape[2], x.device)
+        plans = self.plans(x.shape[1:-1], x.device)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # recompute the block in backward instead of storing its activations; the RNG state is restored so

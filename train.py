@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data import DataError
 
 STAGES = {"unicl": "unicl", "florence2": "florence2", "det": "dyhead", "vqa": "meter",
-          "vqa_pretrain": "meter"}  # stage name -> its file
+          "vqa_pretrain": "meter", "video": "video"}  # stage name -> its file
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
     python tests/bench.py            # every benchmark
     python tests/bench.py coswin     # one (names: the bench_* functions below, without the prefix: coswin,
-                                     # florence2, dyhead, meter)
+                                     # florence2, florence2_label, dyhead, meter, video)
 
 Each benchmark alternates ours and the reference call by call (so load from other processes hits both alike), after
 warm-up, and reports medians, the ratio ours / reference (goal <= 1.0) and the median and range of the rounds'
@@ -351,6 +351,28 @@ def bench_meter():
            time_alternating(step(ours, lambda: ours(ids, mask)),
                             step(reference, lambda: reference(input_ids=ids, attention_mask=mask).last_hidden_state),
                             warmup=2, reps=7), "transformers")
+
+
+def bench_video():
+    """Video CoSwin in patch mode (CONFIGS["swin3d_t"]) vs torchvision swin3d_t, same random weights: forward +
+    backward on one 16 x 112 x 112 clip (8 x 28 x 28 tokens in stage 1), train mode (stochastic depth 0.1 on both)."""
+    from dataclasses import replace
+
+    from torchvision.models.video import swin3d_t
+
+    import video
+    torch.manual_seed(0)
+    reference = swin3d_t(num_classes=400).train()
+    ours = video.VideoCoSwin(replace(video.CONFIGS["swin3d_t"], num_classes=400)).train()
+    video.load_torchvision_swin3d(ours, reference.state_dict())
+    x = torch.randn(1, 3, 16, 112, 112)
+    with torch.no_grad():  # stage 4's 4 x 4 map is smaller than the 7 x 7 window, where torchvision's bias differs
+        diff = (ours.eval()(x) - reference.eval()(x)).abs().max().item()
+    ours.train(), reference.train()
+    print(f"video: swin3d_t, 1 clip 16 x 112 x 112, fp32, CPU, {torch.get_num_threads()} threads; "
+          f"max |ours - torchvision| logits = {diff:.1e}")
+    report("video swin3d_t forward+backward", time_alternating(forward_backward(ours, x),
+                                                                forward_backward(reference, x)), "torchvision")
 
 
 BENCHES = {name[len("bench_"):]: fn for name, fn in dict(globals()).items() if name.startswith("bench_")}

@@ -150,7 +150,7 @@ def test_shifted_block_never_mixes_regions():
     # token's value changes exactly the outputs of the tokens in its shifted window, nothing across roll borders
     M, C, H, W = 4, 8, 10, 13
     stage = Stage(torch.nn.Identity(), C, 2, 1, M, 2.0, True, [0.0, 0.0]).eval()
-    block, plan = stage.blocks[1], stage.plans(H, W, torch.device("cpu"))[1]
+    block, plan = stage.blocks[1], stage.plans((H, W), torch.device("cpu"))[1]
     x = torch.randn(1, H, W, C)
 
     def attention_only(x):  # the attention branch of the block: norm1, windows, attention, back in place
@@ -233,9 +233,9 @@ def test_window_plans_are_cached_per_size():
     model = CoSwin(CONFIGS["toy_cvt"]).eval()
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
-        plans = model.stages[0].plans(16, 16, torch.device("cpu"))
+        plans = model.stages[0].plans((16, 16), torch.device("cpu"))
         model(torch.randn(1, 3, 64, 64))
-    assert model.stages[0].plans(16, 16, torch.device("cpu")) is plans
+    assert model.stages[0].plans((16, 16), torch.device("cpu")) is plans
 
 
 def test_plan_built_under_inference_mode_serves_training():
