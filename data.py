@@ -819,17 +819,37 @@ class Tokenizer:
         return Tokenizer(_with_special(self.encoding, tokens), self.bos, self.eos, self.pad)
 
 
+# Every word the Shapes world writes (captions, questions, referring expressions, OCR words, video captions). A
+# pretrained BPE vocabulary like RoBERTa's gives each common English word one token; the "shapes" tokenizer does the
+# same for this world, so a toy text encoder reads words rather than first assembling them from letters.
+SHAPES_WORDS = (
+    *COLORS, *SHAPES, *(s + "s" for s in SHAPES), *SIZES, *NUMBER_WORDS, *WORDS,
+    "a", "an", "the", "A", "The", "There", "is", "are", "there", "how", "many", "what", "color", "shape", "shapes",
+    "size", "object", "of", "left", "right", "above", "below", "top", "bottom", "center", "at", "in", "on", "and",
+    "dark", "light", "noisy", "gradient", "striped", "background", "word", "words", "written", "image",
+    "moving", "up", "down", "growing", "shrinking", "rotating", "still", "standing", '"')
+
+
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(name: str = "bytes") -> Tokenizer:
-    """"bytes": 256 byte ids + bos/eos/pad = 259, built in code. Any other name is a tiktoken encoding ("gpt2",
+    """"bytes": 256 byte ids + bos/eos/pad = 259, built in code. "shapes": the 256 bytes, then one id per Shapes-world
+    word with and without its leading space (tiktoken looks a whole pre-tokenised piece up before merging bytes, so a
+    known word is one token and any other text falls back to bytes). Any other name is a tiktoken encoding ("gpt2",
     "cl100k_base", ...), whose BPE file tiktoken downloads once and caches (in TIKTOKEN_CACHE_DIR if set).
     Offline and not cached, the download fails at once at the DNS lookup (0.3 s measured here) and we turn that
     into an error saying how to provide the file."""
     if name == "bytes":
         ranks = {bytes([i]): i for i in range(256)}
         return Tokenizer(tiktoken.Encoding("bytes", pat_str=_BYTES_PATTERN, mergeable_ranks=ranks, special_tokens={}))
+    if name == "shapes":
+        ranks = {bytes([i]): i for i in range(256)}
+        for word in dict.fromkeys(SHAPES_WORDS):
+            for piece in (word.encode(), b" " + word.encode()):
+                ranks.setdefault(piece, len(ranks))  # "a" and "A" are bytes already
+        return Tokenizer(tiktoken.Encoding("shapes", pat_str=_BYTES_PATTERN, mergeable_ranks=ranks, special_tokens={}))
     if name not in tiktoken.list_encoding_names():
-        raise ValueError(f"unknown tokenizer {name!r}: use 'bytes' or one of {tiktoken.list_encoding_names()}")
+        raise ValueError(f"unknown tokenizer {name!r}: use 'bytes', 'shapes' or one of "
+                         f"{tiktoken.list_encoding_names()}")
     try:
         encoding = tiktoken.get_encoding(name)
     except Exception as e:  # requests' ConnectionError, a hash mismatch of a partial download, ...
@@ -905,6 +925,8 @@ if __name__ == "__main__":
     parser.add_argument("--bench", action="store_true", help="time rendering instead of drawing a grid")
     parser.add_argument("--images", default="", help="also write each sample's plain image to this folder as "
                                                      "SPLIT_INDEX.png (inputs for python florence2.py --image)")
+    parser.add_argument("--coco", action="store_true", help="with --images: also write DIR/instances.json, their "
+                                                           "COCO ground truth (the 6 shapes are categories 1-6)")
     args = parser.parse_args()
 
     if args.bench:
@@ -946,3 +968,14 @@ if __name__ == "__main__":
     print(f"[video] {clip['caption']}")
     grid.save(args.out)
     print(f"wrote {args.out}")
+    if args.images and args.coco:  # the ground truth that florence2.py --images --format coco output is scored on
+        boxes = [(i, o) for i in range(args.n) for o in ds[i]["objects"]]
+        coco = {"images": [{"id": i + 1, "file_name": f"{args.split}_{i}.png", "width": args.size,
+                            "height": args.size} for i in range(args.n)],
+                "annotations": [{"id": k + 1, "image_id": i + 1, "category_id": SHAPES.index(o["category"]) + 1,
+                                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
+                                for k, (i, o) in enumerate(boxes) for x0, y0, x1, y1 in [o["box"]]],
+                "categories": [{"id": k + 1, "name": name} for k, name in enumerate(SHAPES)]}
+        with open(os.path.join(args.images, "instances.json"), "w") as f:
+            json.dump(coco, f)
+        print(f"wrote {os.path.join(args.images, 'instances.json')}: {len(coco['annotations'])} boxes")

@@ -512,6 +512,29 @@ def write_coco_results(path: str, detections) -> None:
         raise
 
 
+def detections_for(coco_gt: dict, labelled: dict, gt_root=".", labelled_root=".", where="labels") -> list:
+    """The boxes of a COCO instances file made elsewhere (florence2.py --images --format coco), as detections on
+    `coco_gt`'s ids: images matched by file (each file name taken relative to its own file's root folder),
+    categories by name. An image or name the ground truth lacks is an error naming it; a box keeps its "score" (1 if
+    it has none)."""
+    file = lambda root, im: os.path.normpath(os.path.join(os.path.abspath(root), im["file_name"]))  # noqa: E731
+    image_id = {file(gt_root, im): im["id"] for im in coco_gt["images"]}
+    category_id = {c["name"]: c["id"] for c in coco_gt["categories"]}
+    images = {im["id"]: file(labelled_root, im) for im in labelled["images"]}
+    names = {c["id"]: c["name"] for c in labelled["categories"]}
+    out = []
+    for ann in labelled["annotations"]:
+        file, name = images[ann["image_id"]], names[ann["category_id"]]
+        if file not in image_id:
+            raise ValueError(f"{where}: image '{file}' is not in the ground truth's images")
+        if name not in category_id:
+            raise ValueError(f"{where}: category '{name}' is not in the ground truth's categories "
+                             f"({', '.join(category_id)})")
+        out.append({"image_id": image_id[file], "category_id": category_id[name], "bbox": ann["bbox"],
+                    "score": ann.get("score", 1.0)})
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. The feature pyramid (FPN, Lin et al. 2017, arXiv:1612.03144, section 3). A 1x1 lateral conv brings every backbone
 # stage to one width; a top-down pathway adds each coarser map, upsampled, into the next finer one, so that fine levels
@@ -1270,3 +1293,24 @@ def zero_shot_metrics(detector, cfg: DetConfig, samples):
             stats = coco_eval(truth, to_coco_results([found[i] for i in idx], range(1, len(idx) + 1)))
             metrics[f"zeroshot_{name}{part}_AP"], metrics[f"zeroshot_{name}{part}_AP50"] = stats["AP"], stats["AP50"]
     return metrics
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="COCO box AP of detections against a ground-truth instances file.")
+    parser.add_argument("gt", help="COCO instances .json (e.g. python data.py --images DIR --coco)")
+    parser.add_argument("detections", help="a COCO results list on the ground truth's ids, or an instances file "
+                                           "(florence2.py --images --format coco) matched by file and category name")
+    args = parser.parse_args()
+    try:
+        gt, _ = read_coco(args.gt)
+        with open(args.detections) as f:
+            found = json.load(f)
+        if not isinstance(found, list):  # an instances file: its file names are relative to its own folder
+            found = detections_for(gt, found, os.path.dirname(args.gt), os.path.dirname(args.detections),
+                                   args.detections)
+        stats = coco_eval(gt, found)
+    except (OSError, ValueError, KeyError) as e:
+        parser.exit(2, f"error: {e}\n")
+    print(" | ".join(f"{k} {v:.4f}" for k, v in stats.items()))

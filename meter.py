@@ -37,13 +37,13 @@ import data
 
 @dataclass
 class TextConfig:
-    vocab_size: int = 260
+    vocab_size: int = 439        # the "shapes" word tokenizer's 438 ids + the mask token
     width: int = 96
     layers: int = 2
     heads: int = 4
     ffn: int = 384
-    max_positions: int = 80      # rows of the position table (RoBERTa: 514 = 512 tokens + the 2 rows below them)
-    pad_token_id: int = 258      # the padding token (the byte tokenizer's <|pad|>; RoBERTa: 1)
+    max_positions: int = 34      # rows of the position table (RoBERTa: 514 = 512 tokens + the 2 rows below them)
+    pad_token_id: int = 437      # the padding token (the "shapes" tokenizer's <|pad|>; RoBERTa: 1)
     position_pad: int = 1        # the position row of padding tokens; real ones count from the next (RoBERTa: 1)
     type_vocab_size: int = 1
     layer_norm_eps: float = 1e-5
@@ -244,9 +244,10 @@ class MeterConfig:
     img_size: int = 64
     text: TextConfig = None
     fusion: FusionConfig = None
-    tokenizer: str = "bytes"
-    context_length: int = 72     # text tokens, begin and end included; longer questions are truncated (and counted)
+    tokenizer: str = "shapes"    # a data.get_tokenizer name: one token per word of the Shapes world, as BPE would give
+    context_length: int = 32     # text tokens, begin and end included; longer questions are truncated (and counted)
     init_from: str = ""          # a train.py checkpoint: UniCL (its image tower) or vqa_pretrain (all but the heads)
+    freeze_stem: bool = True     # with init_from: the toy tower's conv stem is not fine-tuned (see build_model)
     roberta: str = ""            # a transformers RoBERTa folder for the text encoder (its tokenizer is not included)
     # data: "shapes" (the built-in world) or VQAv2 files (vqa: questions .json; pretrain: an image-text file)
     data: str = "shapes"
@@ -346,6 +347,18 @@ class Meter(nn.Module):
 
     def set_grad_checkpointing(self, enable=True):
         self.image_encoder.set_grad_checkpointing(enable)
+
+    def freeze(self, module):
+        """Fine-tune without `module`, a pretrained part: no gradients, and its BatchNorms keep their statistics."""
+        module.requires_grad_(False)
+        self.frozen = [*getattr(self, "frozen", []), module]
+        module.eval()
+
+    def train(self, mode=True):
+        super().train(mode)
+        for module in getattr(self, "frozen", []):
+            module.eval()
+        return self
 
 
 def count_parameters(cfg: MeterConfig, num_answers: int) -> int:
@@ -590,11 +603,11 @@ ROBERTA_BASE = TextConfig(vocab_size=50265, width=768, layers=12, heads=12, ffn=
                           position_pad=1, type_vocab_size=1, layer_norm_eps=1e-5, dropout=0.1)
 CONFIGS = {
     # CPU toy at 64 px: the first two stages of the UniCL toy's CoSwin (8 x 8, then 4 x 4 tokens of 96 channels) with
-    # learned positions on the 16 image tokens; a 2-layer byte-level text encoder of width 96; 2 co-attention layers of
+    # learned positions on the 16 image tokens; a 2-layer word-level text encoder of width 96; 2 co-attention layers of
     # width 128 per modality
     "toy": MeterConfig(image_stages=2, image_positions=4, text=TOY_TEXT, fusion=TOY_FUSION),
     # the paper's: CoSwin-H, RoBERTa-base, 6 co-attention layers of width 768 (Florence section 2.5; METER section 4)
-    "florence": MeterConfig(image_encoder="H", img_size=384, text=ROBERTA_BASE, context_length=40,
+    "florence": MeterConfig(image_encoder="H", img_size=384, text=ROBERTA_BASE, tokenizer="bytes", context_length=40,
                             fusion=FusionConfig(width=768, layers=6, heads=12, ffn=3072, dropout=0.1),
                             data="", train_size=0, val_size=0),
 }
@@ -602,7 +615,7 @@ STAGE_TASKS = {"vqa": "vqa", "vqa_pretrain": "pretrain"}  # train.py --stage -> 
 PAPER_ANSWERS = 3129  # METER's VQAv2 answer vocabulary
 
 TRAIN = {
-    "toy": dict(batch_size=64, max_iters=3000, lr=1e-3, warmup_iters=100, weight_decay=0.01, log_interval=50,
+    "toy": dict(batch_size=64, max_iters=5000, lr=1e-3, warmup_iters=100, weight_decay=0.01, log_interval=50,
                 ckpt_interval=250),
     "florence": dict(batch_size=512, max_iters=10000, lr=5e-5, warmup_iters=1000, weight_decay=0.01),
 }
@@ -651,6 +664,10 @@ def build_model(cfg: MeterConfig, vocab: Vocab) -> Meter:
         model.text_encoder.load_state_dict(weights)
     if cfg.init_from:
         load_init(model, cfg.init_from, cfg)
+        # A CPU-toy aid (the paper's CoSwin has no stem): the toy tower's conv stem, which sees the full 64 px image,
+        # costs about half of a training step (its backward most); pretrained on this world, it is kept as it is.
+        if cfg.freeze_stem and coswin.CONFIGS[cfg.image_encoder].stem:
+            model.freeze(model.image_encoder.stages[0].embed)
     return model
 
 

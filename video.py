@@ -326,7 +326,8 @@ class ClipFolders:
     """Clips listed in a CSV with a header naming the fields `clip` (a folder of frames, relative to root) and
     `label`. classes: the label set (the training CSV's own sorted labels if None; a val CSV gets the training
     set's). Clips shorter than min_frames are counted in `short` and kept (sampling repeats their last frame) or, with
-    short_clips="skip", dropped (and counted in `skipped` too). skip_bad: a bad row or clip gives None / is dropped and its message kept in `skipped`."""
+    short_clips="skip", dropped (and counted in `skipped` too). skip_bad: a bad row or clip is dropped and its
+    message kept in `skipped`."""
 
     def __init__(self, path, root=None, classes=None, min_frames=1, short_clips="repeat", skip_bad=False):
         if short_clips not in ("repeat", "skip"):

@@ -567,3 +567,23 @@ def test_named_encoding_for_real(tmp_path, monkeypatch):
         assert tok.decode(tok.encode("hello world", bos=True, eos=True)) == "hello world"
     finally:
         get_tokenizer.cache_clear()
+
+
+def test_shapes_tokenizer_gives_each_world_word_one_token():
+    """Every word the Shapes world writes (captions at three lengths, questions, referring expressions, OCR words,
+    video captions) is one token, as a pretrained BPE gives common words; other text falls back to bytes and every
+    text decodes back to itself."""
+    tok, byte_tok = get_tokenizer("shapes"), get_tokenizer("bytes")
+    texts = []
+    for s in (data.ShapesWorld("train", n=60, size=64, seed=3)[i] for i in range(60)):
+        texts += [s["caption"], s["detailed_caption"], s["more_detailed_caption"], *(q["question"] for q in s["qa"])]
+    texts += [data.ShapesVideo("train", 32, n=16)[i]["caption"] for i in range(16)]
+    for text in texts:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        spelt = [(a, b) for a, b in zip(ids, ids[1:]) if max(a, b) < 256 and chr(a).isalpha() and chr(b).isalpha()]
+        assert not spelt, (text, [tok.decode([i]) for i in ids])  # two letter bytes in a row: a word not in the list
+    words = sum(len(tok.encode(t)) for t in texts) / sum(len(byte_tok.encode(t)) for t in texts)
+    assert words < 0.3, words  # about a quarter of the byte tokens
+    assert tok.encode("hexagons nearby") == tok.encode("hexagons") + byte_tok.encode(" nearby")
+    assert tok.n_vocab == 256 + 2 * len(set(data.SHAPES_WORDS)) - 3 + 3  # "a", "A", '"' are bytes; bos/eos/pad

@@ -164,6 +164,41 @@ def test_coco_file_is_read_by_the_detector_and_scores_the_true_boxes(ckpt, shape
     assert stats["AP50"] == pytest.approx(1.0)
 
 
+def test_labels_scored_end_to_end_against_data_py_ground_truth(ckpt, tmp_path, monkeypatch, capsys):
+    """The README's chain: python data.py --images DIR --coco (images + ground truth), florence2.py --images DIR
+    --format coco, python dyhead.py GT LABELS. A model that answers the true <OD> target scores AP50 1; one that
+    moves every box by half the image scores ~0; a category the ground truth lacks is named."""
+    folder = tmp_path / "val96"
+    out = subprocess.run([sys.executable, "data.py", "--size", "96", "--n", "6", "--images", str(folder), "--coco",
+                          "--out", str(tmp_path / "grid.png")], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    gt_path = folder / "instances.json"
+    world = data.ShapesWorld("val", 96)
+    truth = {world[i]["image"].tobytes(): f2.shapes_target(world[i], "<OD>", random.Random(0))[1] for i in range(6)}
+    shift = {"value": 0}
+
+    def answers(model, tokenizer, examples, *args, **kwargs):
+        texts = [truth[image.tobytes()] for image, _, _ in examples]
+        return [re.sub(r"<loc_(\d+)>", lambda m: f"<loc_{(int(m[1]) + shift['value']) % 1000}>", t) for t in texts]
+    monkeypatch.setattr(f2, "generate_answers", answers)
+    results = {}
+    for name, offset in (("right", 0), ("moved", 500)):
+        shift["value"] = offset
+        labels = tmp_path / f"{name}.json"
+        f2.main(["--ckpt", ckpt, "--images", str(folder), "--task", "<OD>", "--format", "coco", "--out", str(labels)])
+        capsys.readouterr()
+        score = subprocess.run([sys.executable, "dyhead.py", str(gt_path), str(labels)], cwd=ROOT,
+                               capture_output=True, text=True)
+        assert score.returncode == 0, score.stderr
+        results[name] = dict(zip(score.stdout.split()[::3], map(float, score.stdout.split()[1::3])))
+    assert results["right"]["AP50"] == pytest.approx(1.0) and results["moved"]["AP50"] < 0.1, results
+    gt, labelled = json.loads(gt_path.read_text()), json.loads((tmp_path / "right.json").read_text())
+    missing = labelled["categories"][0]["name"]
+    gt["categories"] = [c for c in gt["categories"] if c["name"] != missing]
+    with pytest.raises(ValueError, match=f"category '{missing}' is not in the ground truth"):
+        dyhead.detections_for(gt, labelled, folder, tmp_path)
+
+
 def test_dtype_casts_the_model_and_eval_only_autocasts(ckpt, shapes, tmp_path, monkeypatch):
     folder, _ = shapes
     seen, real = [], f2.generate_answers
