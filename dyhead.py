@@ -515,24 +515,25 @@ def write_coco_results(path: str, detections) -> None:
 def detections_for(coco_gt: dict, labelled: dict, gt_root=".", labelled_root=".", where="labels") -> list:
     """The boxes of a COCO instances file made elsewhere (florence2.py --images --format coco), as detections on
     `coco_gt`'s ids: images matched by file (each file name taken relative to its own file's root folder),
-    categories by name. An image or name the ground truth lacks is an error naming it; a box keeps its "score" (1 if
-    it has none)."""
+    categories by name -> (detections, {name: boxes} of names the ground truth lacks). Such boxes can match nothing
+    and are left out, as pycocotools drops unknown categories; an image the ground truth lacks is an error naming
+    it. A box keeps its "score" (1 if it has none)."""
     file = lambda root, im: os.path.normpath(os.path.join(os.path.abspath(root), im["file_name"]))  # noqa: E731
     image_id = {file(gt_root, im): im["id"] for im in coco_gt["images"]}
     category_id = {c["name"]: c["id"] for c in coco_gt["categories"]}
     images = {im["id"]: file(labelled_root, im) for im in labelled["images"]}
     names = {c["id"]: c["name"] for c in labelled["categories"]}
-    out = []
+    out, unknown = [], {}
     for ann in labelled["annotations"]:
         file, name = images[ann["image_id"]], names[ann["category_id"]]
         if file not in image_id:
             raise ValueError(f"{where}: image '{file}' is not in the ground truth's images")
         if name not in category_id:
-            raise ValueError(f"{where}: category '{name}' is not in the ground truth's categories "
-                             f"({', '.join(category_id)})")
+            unknown[name] = unknown.get(name, 0) + 1
+            continue
         out.append({"image_id": image_id[file], "category_id": category_id[name], "bbox": ann["bbox"],
                     "score": ann.get("score", 1.0)})
-    return out
+    return out, unknown
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1308,8 +1309,11 @@ if __name__ == "__main__":
         with open(args.detections) as f:
             found = json.load(f)
         if not isinstance(found, list):  # an instances file: its file names are relative to its own folder
-            found = detections_for(gt, found, os.path.dirname(args.gt), os.path.dirname(args.detections),
-                                   args.detections)
+            found, unknown = detections_for(gt, found, os.path.dirname(args.gt), os.path.dirname(args.detections),
+                                            args.detections)
+            if unknown:
+                print(f"{sum(unknown.values())} boxes named outside the ground truth's categories, left out: "
+                      f"{', '.join(sorted(unknown)[:5])}{' ...' if len(unknown) > 5 else ''}")
         stats = coco_eval(gt, found)
     except (OSError, ValueError, KeyError) as e:
         parser.exit(2, f"error: {e}\n")

@@ -167,7 +167,7 @@ def test_coco_file_is_read_by_the_detector_and_scores_the_true_boxes(ckpt, shape
 def test_labels_scored_end_to_end_against_data_py_ground_truth(ckpt, tmp_path, monkeypatch, capsys):
     """The README's chain: python data.py --images DIR --coco (images + ground truth), florence2.py --images DIR
     --format coco, python dyhead.py GT LABELS. A model that answers the true <OD> target scores AP50 1; one that
-    moves every box by half the image scores ~0; a category the ground truth lacks is named."""
+    moves every box by half the image scores ~0; boxes of a name the ground truth lacks are counted and left out."""
     folder = tmp_path / "val96"
     out = subprocess.run([sys.executable, "data.py", "--size", "96", "--n", "6", "--images", str(folder), "--coco",
                           "--out", str(tmp_path / "grid.png")], cwd=ROOT, capture_output=True, text=True)
@@ -193,9 +193,13 @@ def test_labels_scored_end_to_end_against_data_py_ground_truth(ckpt, tmp_path, m
         results[name] = dict(zip(score.stdout.split()[::3], map(float, score.stdout.split()[1::3])))
     assert results["right"]["AP50"] == pytest.approx(1.0) and results["moved"]["AP50"] < 0.1, results
     gt, labelled = json.loads(gt_path.read_text()), json.loads((tmp_path / "right.json").read_text())
-    missing = labelled["categories"][0]["name"]
+    missing = labelled["categories"][0]["name"]  # a name the ground truth lacks: its boxes are left out, counted
     gt["categories"] = [c for c in gt["categories"] if c["name"] != missing]
-    with pytest.raises(ValueError, match=f"category '{missing}' is not in the ground truth"):
+    found, unknown = dyhead.detections_for(gt, labelled, folder, tmp_path)
+    n_missing = sum(a["category_id"] == labelled["categories"][0]["id"] for a in labelled["annotations"])
+    assert unknown == {missing: n_missing} and len(found) == len(labelled["annotations"]) - n_missing > 0
+    gt["images"] = gt["images"][1:]
+    with pytest.raises(ValueError, match="val_0.png' is not in the ground truth's images"):
         dyhead.detections_for(gt, labelled, folder, tmp_path)
 
 
