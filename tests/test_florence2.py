@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 from tokenizers import ByteLevelBPETokenizer
@@ -251,6 +252,23 @@ def test_kv_cache_matches_full_forward(checkpoint):
                            ours.decode(seq[:, 6:], None, None, cache)], 1)
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=0)
     torch.testing.assert_close(mixed, full, atol=1e-5, rtol=0)
+
+
+def test_bf16_autocast_keeps_the_logits_in_float32(checkpoint):
+    """Under bf16 autocast the tied output layer runs in float32: the logits are float32 and nearer the fp32 ones
+    than a bf16 output layer gets (bf16 logits tie neighbouring coordinate tokens)."""
+    _, ours, _ = checkpoint
+    pixels, prompt, mask = inputs()
+    seq = torch.tensor([[2, 0, 20, 21, 22], [2, 0, 25, 26, 27]])
+    with torch.no_grad():
+        memory, memory_mask = ours.encode(pixels, prompt, mask)
+        want = ours.decode(seq, memory, memory_mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = ours.decode(seq, memory, memory_mask)
+            hidden = ours.decoder(ours.embed_tokens(seq) * ours.embed_scale, memory, memory_mask)
+            bf16_head = F.linear(hidden, ours.embed_tokens.weight)
+    assert got.dtype == torch.float32 and bf16_head.dtype == torch.bfloat16
+    assert (got - want).abs().max() < (bf16_head.float() - want).abs().max()
 
 
 def test_pytorch_bin_checkpoint_and_load_errors(tmp_path):
