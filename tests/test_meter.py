@@ -279,18 +279,13 @@ TINY_VQA = ["--stage", "vqa", "--train_size=3000", "--batch_size=64", "--warmup_
             "--lr=1e-3"]
 
 
-def logged(out_dir, key="loss"):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [r[key] for r in map(json.loads, f) if key in r]
-
-
 def test_vqa_stage_learns(tmp_path):
     """train.py --stage vqa from random weights on one-shape images, 300 steps of 64 (~2 min): the loss halves and
     size questions ("what size is the red star?"), whose answer only the image tells (small or large, ~0.5 from the
     question alone), are answered far above that. Measured (2 threads, byte tokens): loss 3.9 -> 1.85, vqa_acc 0.593,
     size 0.984 on 300 val questions. Over 1-3 shapes the same 300 steps read little yet (docs/vqa-toy.md has the full run)."""
     metrics = train.main([*TINY_VQA, "--max_iters=300", "--val_size=300", "--max_objects=1", f"--out_dir={tmp_path}"])
-    losses = logged(tmp_path)
+    losses = test_train.logged_values(tmp_path)
     assert losses[-1] < 0.6 * losses[0], losses
     assert metrics["vqa_acc"] > 0.5 and metrics["acc_size"] > 0.8, metrics
     assert {"acc_count", "acc_color", "acc_seen", "acc_heldout", "truncated"} <= set(metrics)
@@ -301,17 +296,13 @@ def test_vqa_resume_continues_exactly(tmp_path):
     train.main([*args, "--max_iters=6", f"--out_dir={tmp_path / 'full'}"])
     train.main([*args, "--max_iters=3", "--lr_decay_iters=6", f"--out_dir={tmp_path / 'half'}"])
     train.main([*args, "--max_iters=6", "--resume", f"--out_dir={tmp_path / 'half'}"])
-    assert logged(tmp_path / "full") == logged(tmp_path / "half")
+    assert test_train.logged_values(tmp_path / "full") == test_train.logged_values(tmp_path / "half")
 
 
 @pytest.mark.parametrize("stage", ["vqa", "vqa_pretrain"])
 def test_two_processes_match_one(tmp_path, stage):
     args = [*TINY_VQA, "--stage", stage, "--val_size=0", "--log_interval=1", "--batch_size=8", "--max_iters=3"]
-    runs = {}
-    for name, nproc in (("one", 1), ("two", 2)):
-        out = test_train.run([*args, f"--out_dir={tmp_path / name}"], nproc)
-        assert out.returncode == 0, out.stderr[-2000:]
-        runs[name] = list(zip(logged(tmp_path / name), logged(tmp_path / name, "grad_norm")))
+    runs = test_train.one_and_two_processes(args, tmp_path)
     assert len(runs["one"]) == 3
     for (l1, g1), (l2, g2) in zip(runs["one"], runs["two"]):
         assert abs(l1 - l2) <= 1e-5 * abs(l1) and abs(g1 - g2) <= 1e-3 * abs(g1), runs
@@ -325,7 +316,7 @@ def test_pretrain_stage_learns_and_initialises_vqa(tmp_path):
     metrics = train.main(["--stage", "vqa_pretrain", "--train_size=2000", "--batch_size=32", "--max_iters=150",
                           "--warmup_iters=20", "--lr=2e-3", "--log_interval=10", "--val_size=200",
                           f"--out_dir={pre}"])
-    mlm = logged(pre, "mlm")
+    mlm = test_train.logged_values(pre, "mlm")
     assert sum(mlm[-3:]) < 0.85 * sum(mlm[:3]), mlm  # logged every 10 steps: the first and last three
     assert metrics["mlm_acc"] > 0.25 and 0 <= metrics["itm_acc"] <= 1, metrics
     cfg = dataclasses.replace(meter.CONFIGS["toy"], init_from=str(pre / "ckpt.pt"))

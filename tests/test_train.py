@@ -25,6 +25,10 @@ def logged(out_dir, key="loss"):
         return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
 
 
+def logged_values(out_dir, key="loss"):  # in the order they were logged
+    return list(logged(out_dir, key).values())
+
+
 def flat_params(path):
     state = torch.load(path, weights_only=True)["model"]
     return torch.cat([v.flatten() for v in state.values() if v.is_floating_point()])
@@ -35,6 +39,16 @@ def run(args, nproc=1):
                                                     f"--nproc_per_node={nproc}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(launcher + ["train.py", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+
+
+def one_and_two_processes(args, tmp_path):
+    """train.py `args` in one process and in two -> {"one": [(loss, grad_norm) per log], "two": [...]}."""
+    runs = {}
+    for name, nproc in (("one", 1), ("two", 2)):
+        out = run([*args, f"--out_dir={tmp_path / name}"], nproc)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs[name] = list(zip(logged_values(tmp_path / name), logged_values(tmp_path / name, "grad_norm")))
+    return runs
 
 
 def test_two_processes_match_one(tmp_path):

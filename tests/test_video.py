@@ -278,18 +278,13 @@ TINY = ["--stage", "video", "--train_size=400", "--val_size=0", "--batch_size=4"
         "--warmup_iters=2", "--cache_samples=false"]
 
 
-def logged(out_dir, key="loss"):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [r[key] for r in map(json.loads, f) if key in r]
-
-
 def test_video_stage_learns(tmp_path):
     """train.py --stage video from scratch, 120 steps of 16 clips (~35 s on one thread): the loss falls by half and the
     four translations, the easiest motions, are read off most val clips (chance 1/8 overall). Measured: loss 2.02 ->
     0.54, top-1 0.83, the translations 0.99."""
     metrics = train.main(["--stage", "video", "--max_iters=120", "--batch_size=16", "--warmup_iters=20",
                           "--train_size=2000", "--val_size=160", "--log_interval=10", f"--out_dir={tmp_path}"])
-    losses = logged(tmp_path)
+    losses = test_train.logged_values(tmp_path)
     assert sum(losses[-3:]) < 0.5 * sum(losses[:3]), losses
     moving = [metrics[f"top1_moving_{d}"] for d in ("left", "right", "up", "down")]
     assert metrics["top1"] > 0.4 and sum(moving) / 4 > 0.6, metrics
@@ -299,7 +294,7 @@ def test_video_resume_continues_exactly(tmp_path):
     train.main([*TINY, "--max_iters=6", f"--out_dir={tmp_path / 'full'}"])
     train.main([*TINY, "--max_iters=3", "--lr_decay_iters=6", f"--out_dir={tmp_path / 'half'}"])
     train.main([*TINY, "--max_iters=6", "--resume", f"--out_dir={tmp_path / 'half'}"])
-    assert logged(tmp_path / "full") == logged(tmp_path / "half")
+    assert test_train.logged_values(tmp_path / "full") == test_train.logged_values(tmp_path / "half")
 
 
 def test_two_processes_match_one(tmp_path):
@@ -308,11 +303,7 @@ def test_two_processes_match_one(tmp_path):
     is written out where one process uses the fused kernel: in one process alone that moves the first gradient norm
     by 4.8e-5 of its value (measured), and Adam's early steps carry such rounding into the later losses (~1e-3)."""
     args = [*TINY, "--batch_size=8", "--max_iters=3"]
-    runs = {}
-    for name, nproc in (("one", 1), ("two", 2)):
-        out = test_train.run([*args, f"--out_dir={tmp_path / name}"], nproc)
-        assert out.returncode == 0, out.stderr[-2000:]
-        runs[name] = list(zip(logged(tmp_path / name), logged(tmp_path / name, "grad_norm")))
+    runs = test_train.one_and_two_processes(args, tmp_path)
     assert len(runs["one"]) == 3
     (l1, g1), (l2, g2) = runs["one"][0], runs["two"][0]
     assert abs(l1 - l2) <= 1e-5 * abs(l1) and abs(g1 - g2) <= 2e-4 * abs(g1), runs
