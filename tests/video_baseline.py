@@ -9,20 +9,19 @@ average pooling, a linear layer: C3D's plan (Tran et al. 2015) at toy size. Ever
 reused from video.py and train.py: the same training clips in the same order (train.py's global_batch_indices), the
 same per-clip sampling and augmentation (video.collate with train.py's per-sample generators), the same loss
 (video.compute_loss), the same batch, lr, warmup and cosine (video.TRAIN["toy"], train.lr_at) and the same scoring
-(video.evaluate on the same val clips: top-1 and per class). Training stops at a wall-clock budget or --max_steps
-(evaluation time is not counted); top-1 is printed against minutes and samples.
+(video.evaluate on the same val clips: top-1 and per class). The loop is tests/budget.py's: a wall-clock budget or
+--max_steps (evaluation time not counted), top-1 against minutes and samples.
 """
 import argparse
-import json
 import os
 import random
 import sys
-import time
 
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat project files
+import budget  # noqa: E402
 import train  # noqa: E402
 import video  # noqa: E402
 
@@ -44,10 +43,6 @@ class Small3DCNN(nn.Module):
 
     def forward(self, clips):  # (B, 3, T, H, W) -> (B, classes)
         return self.head(self.features(clips).mean(dim=(2, 3, 4)))
-
-
-def fmt(metrics):
-    return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
 def main():
@@ -73,32 +68,14 @@ def main():
     model = Small3DCNN(len(classes)).train()
     print(f"3D CNN: {sum(q.numel() for q in model.parameters()) / 1e6:.3f}M parameters, batch {tcfg.batch_size}, "
           f"{args.threads} thread(s)", flush=True)
-    opt = train.make_optimizer(model, tcfg, "cpu")  # AdamW, decay on matrices only, as for the toy
 
-    budget = args.minutes * 60
-    trained, next_eval, step, losses, metrics = 0.0, min(args.eval_every * 60, budget), 0, [], {}
-    while trained < budget and step < args.max_steps:
-        start = time.time()
-        for group in opt.param_groups:
-            group["lr"] = train.lr_at(step, tcfg)
-        idx = train.global_batch_indices(step, tcfg.batch_size, len(train_ds), args.seed)
+    def batch_loss(step, idx):
         samples = [cache[i] if i in cache else cache.setdefault(i, train_ds[i]) for i in idx]  # cache_samples
         rngs = [random.Random(f"{args.seed}/{step}/{k}") for k in range(len(idx))]  # train.py's per-sample draws
-        loss, _ = video.compute_loss(model, video.collate(samples, classes, cfg, rngs))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        opt.step()
-        step += 1
-        losses.append(loss.item())
-        trained += time.time() - start
-        if trained >= next_eval or trained >= budget or step == args.max_steps:
-            metrics = video.evaluate(model, val, classes, cfg)
-            print(f"eval | {trained / 60:.2f} min | {step * tcfg.batch_size} samples | step {step} | "
-                  f"loss {sum(losses) / len(losses):.4f} | {fmt(metrics)}", flush=True)
-            losses, next_eval = [], min(next_eval + args.eval_every * 60, budget)
-    print(json.dumps({"samples": step * tcfg.batch_size, "steps": step, "minutes": round(trained / 60, 2),
-                      **{k: round(v, 4) for k, v in metrics.items()}}))
+        return video.compute_loss(model, video.collate(samples, classes, cfg, rngs))[0]
+
+    budget.train_on_budget(model, tcfg, len(train_ds), batch_loss, lambda: video.evaluate(model, val, classes, cfg),
+                           args.minutes, args.eval_every)
 
 
 if __name__ == "__main__":

@@ -5,28 +5,28 @@ test.
     python tests/vqa_baseline.py --minutes 5 --eval_every 1
 
 A small BatchNorm CNN (64 px -> an 8 x 8 map of 128 channels, each cell a token with a learned position), a 2-layer
-bidirectional transformer over the question's byte tokens (meter.encode_texts, learned positions), and 2 pre-LN fusion
-layers in which the question tokens attend to the map cells, then to each other, then an MLP; the first question token
--> MLP -> one logit per answer. Everything the toy METER sees is reused from meter.py: the same training images in the
-same order (train.py's global_batch_indices), the same question per sample (meter.collate with train.py's per-sample
-generators), the same loss (meter.compute_loss: binary cross entropy against the soft scores, summed over answers),
-the same batch, lr, warmup and cosine (meter.TRAIN["toy"], train.lr_at), and the same scoring (meter.evaluate on the
-same val questions). No augmentation: a flip would change the answers of position questions. Training stops at a
-wall-clock budget or --max_steps (evaluation time is not counted); accuracy is printed against minutes and samples.
+bidirectional transformer over the question's tokens (meter.encode_texts: the toy's word tokens, learned positions),
+and 2 pre-LN fusion layers in which the question tokens attend to the map cells, then to each other, then an MLP; the
+first question token -> MLP -> one logit per answer. Everything the toy METER sees is reused from meter.py: the same
+training images in the same order (train.py's global_batch_indices), the same question per sample (meter.collate with
+train.py's per-sample generators), the same loss (meter.compute_loss: binary cross entropy against the soft scores,
+summed over answers), the same batch, lr, warmup and cosine (meter.TRAIN["toy"], train.lr_at), and the same scoring
+(meter.evaluate on the same val questions). No augmentation: a flip would change the answers of position questions.
+The loop is tests/budget.py's: a wall-clock budget or --max_steps (evaluation time not counted), accuracy against
+minutes and samples.
 """
 import argparse
 import collections
 import dataclasses
-import json
 import os
 import random
 import sys
-import time
 
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat project files
+import budget  # noqa: E402
 import meter  # noqa: E402
 import train  # noqa: E402
 
@@ -102,10 +102,6 @@ def question_only(train_ds, val, n, answer_types):
     return out, guess
 
 
-def fmt(metrics):
-    return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("truncated", "out_of_vocab"))
-
-
 def main():
     toy = meter.TRAIN["toy"]
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -129,37 +125,17 @@ def main():
     val = [val_ds[i] for i in range(len(val_ds))]            # rendered once, scored at every evaluation
 
     prior, guess = question_only(train_ds, val, 5000, meter.QUESTION_TYPES)
-    print(f"question only (most common training answer per type: {guess}) | {fmt(prior)}", flush=True)
+    print(f"question only (most common training answer per type: {guess}) | {budget.fmt(prior)}", flush=True)
     model = CnnVQA(len(vocab.answers), vocab.text.n_vocab, cfg.context_length).train()
     print(f"CNN + question transformer + cross-attention: {sum(q.numel() for q in model.parameters()) / 1e6:.3f}M "
           f"parameters, batch {tcfg.batch_size}, {args.threads} thread(s)", flush=True)
-    opt = train.make_optimizer(model, tcfg, "cpu")  # AdamW, decay on matrices only, as for the toy
 
-    budget = args.minutes * 60
-    trained, next_eval, step, losses, metrics = 0.0, min(args.eval_every * 60, budget), 0, [], {}
-    while trained < budget and step < args.max_steps:
-        start = time.time()
-        for group in opt.param_groups:
-            group["lr"] = train.lr_at(step, tcfg)
-        idx = train.global_batch_indices(step, tcfg.batch_size, len(train_ds), args.seed)
+    def batch_loss(step, idx):
         rngs = [random.Random(f"{args.seed}/{step}/{k}") for k in range(len(idx))]  # train.py's question draw
-        batch = meter.collate([train_ds[i] for i in idx], vocab, cfg, rngs)
-        loss, _ = meter.compute_loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        opt.step()
-        step += 1
-        losses.append(loss.item())
-        trained += time.time() - start
-        if trained >= next_eval or trained >= budget or step == args.max_steps:
-            metrics = meter.evaluate(model, val, vocab, cfg)
-            print(f"eval | {trained / 60:.2f} min | {step * tcfg.batch_size} samples | step {step} | "
-                  f"loss {sum(losses) / len(losses):.4f} | {fmt(metrics)}", flush=True)
-            losses, next_eval = [], min(next_eval + args.eval_every * 60, budget)
-    print(json.dumps({"samples": step * tcfg.batch_size, "steps": step, "minutes": round(trained / 60, 2),
-                      **{k: round(v, 4) for k, v in metrics.items()},
-                      "question_only_acc": round(prior["vqa_acc"], 4)}))
+        return meter.compute_loss(model, meter.collate([train_ds[i] for i in idx], vocab, cfg, rngs))[0]
+
+    budget.train_on_budget(model, tcfg, len(train_ds), batch_loss, lambda: meter.evaluate(model, val, vocab, cfg),
+                           args.minutes, args.eval_every, {"question_only_acc": round(prior["vqa_acc"], 4)})
 
 
 if __name__ == "__main__":
