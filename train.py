@@ -68,6 +68,7 @@ class TrainConfig:
     log_interval: int = 25
     eval_interval: int = 0         # 0 = evaluate only at the end
     ckpt_interval: int = 250
+    peak_tflops: float = 0.0       # one device's peak, for MFU; 0 = PEAK_TFLOPS's bf16 figure on a GPU, no MFU on CPUs
 
 
 # -----------------------------------------------------------------------------
@@ -153,6 +154,38 @@ def lr_at(step, cfg: TrainConfig):
     total = cfg.lr_decay_iters or cfg.max_iters
     progress = min(1.0, (step - cfg.warmup_iters) / max(1, total - cfg.warmup_iters))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# Dense bf16 tensor-core peaks (the vendors' data sheets, without sparsity), for MFU: model FLOPs per second over
+# what the device could do. Matched against torch.cuda.get_device_name(), first match wins.
+PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0}
+
+
+def peak_tflops(tcfg: TrainConfig, device_type, dtype):
+    """The peak that MFU divides by (--peak_tflops, else the table's bf16 figure for this GPU), or 0: no MFU."""
+    if tcfg.peak_tflops < 0:
+        raise SystemExit(f"error: --peak_tflops must be positive (or 0 for the device table), got {tcfg.peak_tflops}")
+    if tcfg.peak_tflops or device_type != "cuda" or dtype != "bfloat16":
+        return tcfg.peak_tflops
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+
+
+def flops_per_sample(stage, model, batch, micro, device):
+    """Model FLOPs of one training sample (forward + backward, as torch's FlopCounterMode counts matmuls,
+    convolutions and attention), from one extra step on `batch` that leaves no trace: the RNG, the buffers
+    (BatchNorm statistics) and the gradients are as before. Counted before gradient checkpointing is switched on,
+    so recomputation is not counted (MFU, not hardware utilisation)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
+        stage.compute_loss(model, batch)[0].backward()
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / micro
 
 
 def make_optimizer(model, cfg: TrainConfig, device_type):
@@ -302,14 +335,32 @@ def main(argv):
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         restore_rng(ckpt["rng"])
+    source = SampleSource(train_ds, tcfg.skip_bad_samples, tcfg.cache_samples)
+    positions_of = functools.partial(global_batch_indices, batch_size=tcfg.batch_size, n=len(train_ds),
+                                     seed=tcfg.seed)
+    mine = range(rank * micro * accum, (rank + 1) * micro * accum)  # this rank's share of the global batch
+
+    def micro_batch(step, m):
+        share, positions = mine[m * micro: (m + 1) * micro], positions_of(step)
+        samples = [source.get(positions[p]) for p in share]
+        rngs = [random.Random(f"{tcfg.seed}/{step}/{p}") for p in share]
+        batch = stage.collate(samples, tokenizer, scfg, rngs, step / tcfg.max_iters)  # progress: 0 -> 1
+        return {k: v.to(device) for k, v in batch.items()}
+
+    peak = peak_tflops(tcfg, device_type, dtype)
+    if peak and not tcfg.eval_only:
+        with autocast:
+            sample_flops = flops_per_sample(stage, model, micro_batch(step, 0), micro, device)
     if tcfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    source = SampleSource(train_ds, tcfg.skip_bad_samples, tcfg.cache_samples)
     if master:
         os.makedirs(tcfg.out_dir, exist_ok=True)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"stage {tcfg.stage} | config {tcfg.config} | {n_params / 1e6:.2f}M parameters | device {device} "
               f"x{world} | {dtype} | global batch {tcfg.batch_size} = {world} ranks x {accum} accum x {micro}")
+        if peak and not tcfg.eval_only:
+            print(f"MFU: {sample_flops / 1e9:.3f} GFLOPs a sample (forward + backward) against {peak:g} TFLOPs a "
+                  f"device")
 
     def log(record):
         if master:
@@ -347,15 +398,9 @@ def main(argv):
             lr = lr_at(step, tcfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            positions = global_batch_indices(step, tcfg.batch_size, len(train_ds), tcfg.seed)
-            mine = range(rank * micro * accum, (rank + 1) * micro * accum)  # this rank's share of the global batch
             loss_sum, logs = torch.zeros((), device=device), {}
             for m in range(accum):
-                share = mine[m * micro: (m + 1) * micro]
-                samples = [source.get(positions[p]) for p in share]
-                rngs = [random.Random(f"{tcfg.seed}/{step}/{p}") for p in share]
-                batch = stage.collate(samples, tokenizer, scfg, rngs, step / tcfg.max_iters)  # progress: 0 -> 1
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = micro_batch(step, m)
                 sync = nullcontext() if not ddp or m == accum - 1 else train_model.no_sync()
                 with sync, autocast:
                     loss, logs = stage.compute_loss(train_model, batch)
@@ -379,11 +424,15 @@ def main(argv):
                 elapsed = time.time() - t_start
                 rate = (step - step_start) * tcfg.batch_size / elapsed
                 eta = (tcfg.max_iters - step) * tcfg.batch_size / rate
-                log({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "samples_per_s": rate, **logs})
+                # MFU: the model FLOPs done per second (every rank's samples) over the peak of all the ranks' devices
+                mfu = {"mfu": sample_flops * rate / (peak * 1e12 * world)} if peak else {}
+                log({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "samples_per_s": rate, **mfu,
+                     **logs})
                 if master:
                     skipped = f" | skipped {source.skipped}" if source.skipped else ""
+                    shown = f" | MFU {mfu['mfu']:.1%}" if mfu else ""
                     print(f"step {step}/{tcfg.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                          f"{rate:.0f} samples/s | eta {eta / 60:.1f} min{skipped}", flush=True)
+                          f"{rate:.0f} samples/s{shown} | eta {eta / 60:.1f} min{skipped}", flush=True)
             if tcfg.eval_interval and step % tcfg.eval_interval == 0 and step < tcfg.max_iters:
                 metrics = run_eval()
                 log({"step": step, "eval": metrics})

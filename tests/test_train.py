@@ -118,6 +118,28 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+def test_mfu_counts_model_flops_and_leaves_the_run_unchanged(tmp_path):
+    """--peak_tflops logs MFU = FLOPs a sample x samples/s / peak. Counting the FLOPs runs one extra step that leaves
+    no trace (the losses and parameters equal a run without it; the toy's BatchNorm stem keeps its statistics), and the
+    count is the model's: the same with accumulation and with gradient checkpointing (recomputation not counted)."""
+    base = TINY + ["--max_iters=3", "--val_size=0"]
+    train.main(base + [f"--out_dir={tmp_path / 'plain'}"])
+    per_sample = {}
+    for name, extra in (("mfu", []), ("accum", ["--micro_batch_size=4"]), ("ckpt", ["--grad_checkpointing"])):
+        train.main(base + ["--peak_tflops=0.5", *extra, f"--out_dir={tmp_path / name}"])
+        mfu, rate = logged(tmp_path / name, "mfu"), logged(tmp_path / name, "samples_per_s")
+        assert sorted(mfu) == [1, 2, 3] and all(0 < v < 1 for v in mfu.values())
+        per_sample[name] = [mfu[s] * 0.5e12 / rate[s] for s in mfu]
+    assert logged(tmp_path / "plain") == logged(tmp_path / "mfu")
+    assert torch.equal(flat_params(tmp_path / "plain" / "ckpt.pt"), flat_params(tmp_path / "mfu" / "ckpt.pt"))
+    flops = per_sample["mfu"][0]
+    assert flops > 1e6 and all(abs(f - flops) <= 1e-9 * flops for f in per_sample["mfu"] + per_sample["ckpt"])
+    # a micro-batch of 4 instead of 8: the same up to the contrastive logits, which grow with the batch
+    assert all(abs(f - flops) <= 1e-4 * flops for f in per_sample["accum"])
+    with pytest.raises(SystemExit, match="--peak_tflops must be positive"):
+        train.main(base + ["--peak_tflops=-1", f"--out_dir={tmp_path / 'bad'}"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--stage", "nope"], "unknown stage 'nope'; valid stages: unicl"),
     (["--config=huge"], "unknown config 'huge' for stage unicl; valid configs: toy, florence"),
