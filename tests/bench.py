@@ -2,14 +2,17 @@
 
     python tests/bench.py            # every benchmark
     python tests/bench.py coswin     # one (names: the bench_* functions below, without the prefix: coswin,
-                                     # florence2, florence2_label, dyhead, meter, video)
+                                     # florence2, florence2_label, florence2_train, dyhead, meter, video)
+    BENCH_DEVICE=cuda python tests/bench.py florence2_label florence2_train   # on a GPU (tests/gpu_check.sh)
 
 Each benchmark alternates ours and the reference call by call (so load from other processes hits both alike), after
 warm-up, and reports medians, the ratio ours / reference (goal <= 1.0) and the median and range of the rounds'
-own ratios. Add a benchmark by writing another `bench_<name>()` function; it is picked up automatically.
+own ratios (florence2_train has no reference: it reports samples/s and MFU). Add a benchmark by writing another
+`bench_<name>()` function; it is picked up automatically.
 """
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -19,15 +22,19 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat project files
 
 
-def time_alternating(ours, reference, warmup=2, reps=7):
+def time_alternating(ours, reference, warmup=2, reps=7, sync=None):
     """Seconds of ours() and reference(), called alternately: warmup rounds, then reps timed rounds. Returns the
     two medians and the per-round ratios ours / reference: a round's two calls run back to back, so its ratio
-    is not moved by the machine getting slower or faster over the minutes of a benchmark."""
+    is not moved by the machine getting slower or faster over the minutes of a benchmark. On a GPU, sync (e.g.
+    torch.cuda.synchronize) runs before each clock reading, so that queued kernels are timed too."""
     times = {"ours": [], "reference": []}
+    sync = sync or (lambda: None)
     for i in range(warmup + reps):
         for name, fn in (("ours", ours), ("reference", reference)):
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     ratios = [a / b for a, b in zip(times["ours"], times["reference"])]
@@ -186,7 +193,7 @@ def bench_florence2():
                f"{lengths[0]}/{lengths[1]}, ids identical: {same}", timing, "transformers")
 
 
-def bench_florence2_label(size="base", new_tokens=64, batches=(1, 8), reps=5, compile=False):
+def bench_florence2_label(size="base", new_tokens=64, batches=(1, 8), reps=5, compile=False, device=None):
     """Labelling throughput, images per second: Florence-2 base with the same random weights in ours and
     transformers Florence2ForConditionalGeneration, 768 px images, an <OD>-sized prompt (<s> 12 words </s>),
     greedy generation of `new_tokens` new tokens (no early </s>: the random weights never write it, so both
@@ -195,6 +202,7 @@ def bench_florence2_label(size="base", new_tokens=64, batches=(1, 8), reps=5, co
       (c) our fastest path (fp32 or bf16; also bf16 with the decoder compiled, if compile=True) vs transformers
           as users run it by default, fp32 eager.
     The fp32 ids must be identical between ours and transformers, and between our batch and batch-1 runs.
+    device: "cpu" or "cuda" (default: the environment's BENCH_DEVICE, else cpu); BENCH_COMPILE=1 sets compile.
     A smoke run (a narrow model, a few tokens), from tests/:
     python -c 'import bench; bench.bench_florence2_label("tiny", new_tokens=4, reps=1)'."""
     import copy
@@ -208,8 +216,10 @@ def bench_florence2_label(size="base", new_tokens=64, batches=(1, 8), reps=5, co
                        encoder_ffn_dim=128, decoder_ffn_dim=128,
                        vision=replace(base.vision, embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1),
                                       num_heads=(1, 2, 3, 4), num_groups=(1, 2, 3, 4)))
+    device = torch.device(device or os.environ.get("BENCH_DEVICE", "cpu"))
+    compile = compile or os.environ.get("BENCH_COMPILE") == "1"
     cfg, image_token, ours, reference = florence2_pair(base)
-    ours.eval(), reference.eval()
+    ours.eval().to(device), reference.eval().to(device)
     models = {"fp32": (ours, reference),  # dtype -> (ours, transformers'), the same weights
               "bf16": (copy.deepcopy(ours).to(torch.bfloat16), copy.deepcopy(reference).to(torch.bfloat16))}
     if compile:  # ours only: timed against transformers fp32
@@ -218,12 +228,15 @@ def bench_florence2_label(size="base", new_tokens=64, batches=(1, 8), reps=5, co
     n_image = 1 + (cfg.image_size // math.prod(cfg.vision.patch_stride)) ** 2  # 577 image tokens at 768 px
     g = torch.Generator().manual_seed(0)
     B = max(batches)
-    pixels = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g)
+    pixels = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
     prompt = torch.cat([torch.full((B, 1), cfg.bos_token_id), torch.randint(3, image_token, (B, 12), generator=g),
-                        torch.full((B, 1), cfg.eos_token_id)], 1)  # (B, 14): the length of <OD>'s prompt
-    hf_prompt = torch.cat([torch.full((B, n_image), image_token), prompt], 1)  # transformers marks the image slots
+                        torch.full((B, 1), cfg.eos_token_id)], 1).to(device)  # (B, 14): the length of <OD>'s prompt
+    hf_prompt = torch.cat([torch.full((B, n_image), image_token, device=device), prompt], 1)  # the image slots
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads")
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
     print(f"florence2 labelling: {size}, {cfg.image_size} px ({n_image} image tokens), {prompt.shape[1]} prompt "
-          f"tokens, greedy, {new_tokens} new tokens, CPU, {torch.get_num_threads()} threads, transformers attention "
+          f"tokens, greedy, {new_tokens} new tokens, {where}, transformers attention "
           f"{reference.config._attn_implementation}")
     # our fp32 ids of each image alone: a batch must give them row by row
     alone = [ours.generate(pixels[i:i + 1], prompt[i:i + 1], max_new_tokens=new_tokens)[0].tolist() for i in range(B)]
@@ -245,7 +258,7 @@ def bench_florence2_label(size="base", new_tokens=64, batches=(1, 8), reps=5, co
 
         for dtype, (mine, theirs) in models.items():
             their_dtype = "fp32" if theirs is reference else dtype
-            timing = time_alternating(ours_generate(mine), hf_generate(theirs), warmup=1, reps=reps)
+            timing = time_alternating(ours_generate(mine), hf_generate(theirs), warmup=1, reps=reps, sync=sync)
             seconds[dtype] = timing[:2]
             same = out["ours"].tolist() == out["transformers"].tolist()
             lengths = out["ours"].shape[1] - 1, out["transformers"].shape[1] - 1
@@ -261,6 +274,61 @@ def bench_florence2_label(size="base", new_tokens=64, batches=(1, 8), reps=5, co
         print(f"batch {b}, images/s ours / transformers: (a) fp32 {seconds['fp32'][1] / seconds['fp32'][0]:.2f}x, "
               f"(b) bf16 {seconds['bf16'][1] / seconds['bf16'][0]:.2f}x, (c) ours {fastest} vs transformers fp32 "
               f"eager {fp32_rounds / seconds[fastest][0]:.2f}x")
+
+
+def bench_florence2_train(config=None, batch=None, steps=None, device=None):
+    """Florence-2 training throughput and MFU: our training step (forward, backward, AdamW) on one fixed batch of
+    Shapes-world samples, as `python train.py --stage florence2` makes them, the data pipeline left out. On a GPU:
+    `base` at 768 px, bf16 autocast, torch.compile, batch 16 (BENCH_BATCH), and MFU against train.PEAK_TFLOPS; on
+    a CPU: the toy, float32, eager, batch 8. FLOPs of a sample are train.flops_per_sample's (FlopCounterMode).
+    device: default the environment's BENCH_DEVICE, else cpu. No reference: transformers has no Florence-2 trainer."""
+    import train
+
+    device = torch.device(device or os.environ.get("BENCH_DEVICE", "cpu"))
+    gpu = device.type == "cuda"
+    config = config or ("base" if gpu else "toy")
+    batch = batch or int(os.environ.get("BENCH_BATCH", 16 if gpu else 8))
+    steps = steps or (20 if gpu else 3)
+    flags = {"stage": "florence2", "config": config, "tokenizer": "bytes+shapes", "data": "shapes", "val_size": "0",
+             "train_size": str(batch), "batch_size": str(batch)}
+    tcfg, stage, scfg = train.build_configs(flags)
+    torch.manual_seed(0)
+    tokenizer = stage.build_tokenizer(scfg)
+    model = stage.build_model(scfg, tokenizer).to(device).train()
+    train_ds, _ = stage.build_datasets(scfg, 0)
+    rngs = [random.Random(i) for i in range(batch)]
+    data = stage.collate([train_ds[i] for i in range(batch)], tokenizer, scfg, rngs, 0.0)
+    data = {k: v.to(device) for k, v in data.items()}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else torch.autocast("cpu", enabled=False)
+    with autocast:
+        flops = train.flops_per_sample(stage, model, data, batch, str(device))
+    optimizer = train.make_optimizer(model, tcfg, device.type)
+    step_model = torch.compile(model) if gpu else model
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+
+    def step():
+        with autocast:
+            loss = stage.compute_loss(step_model, data)[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # warm-up (and compilation)
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    seconds = (time.perf_counter() - start) / steps
+    rate = batch / seconds
+    where = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
+    peak = train.peak_tflops(train.TrainConfig(), device.type, "bfloat16" if gpu else "float32")
+    mfu = f", MFU {flops * rate / (peak * 1e12):.1%} of {peak:g} TFLOP/s" if peak else ""
+    size = getattr(getattr(model, "cfg", None), "image_size", "?")
+    mode = "bf16 compiled" if gpu else "fp32 eager"
+    print(f"florence2 training step: {config}, {size} px, batch {batch}, {where}, {mode}: {seconds * 1e3:.1f} ms a "
+          f"step, {rate:.1f} samples/s, {flops / 1e9:.1f} GFLOPs a sample{mfu}")
 
 
 def bench_dyhead():
