@@ -7,6 +7,7 @@ tests (docs/vqa-toy.md, "Why position stays at chance").
     python tests/probe_vqa_position.py oracle --types all      # ... trained on every question type, scored on position
     python tests/probe_vqa_position.py oracle --preln --lr 3e-4 --image_pos_std 0.5 --text_pos_std 0.5 --layers 3
     python tests/probe_vqa_position.py oracle --text_mlm 2000  # ... text encoder first MLM-trained on the world's texts
+    python tests/probe_vqa_position.py oracle --types all --image_pos_std 0.5 --roles   # ... word order given away
     python tests/probe_vqa_position.py full --init_from=out_u/ckpt.pt --max_iters=1500 --eval_interval=500 \\
         --val_size=500 --out_dir=out_pos                       # the real toy, position questions first
     python tests/probe_vqa_position.py full --image_pos sincos|0.7 --layers 3 --stages 1 ...   # ... with changes
@@ -115,6 +116,22 @@ def oracle(args):
             model.text_encoder.pos_embed.weight.normal_(std=args.text_pos_std)
     if args.text_mlm:
         text_mlm(model.text_encoder, vocab, cfg, args)
+    if args.roles:  # word order given away: the words after "left" / "above" get a learned "object" embedding
+        relation_ids = torch.tensor([vocab.text.encode(w)[0] for w in (" left", " above")])
+        role_embed = torch.nn.Embedding(2, cfg.text.width)
+        torch.nn.init.normal_(role_embed.weight, std=0.02)
+        model.role_embed = role_embed  # trained with the model
+        encoder = model.text_encoder
+
+        def with_roles(input_ids, attention_mask, forward=encoder.forward):
+            after = torch.cumsum(torch.isin(input_ids, relation_ids).long(), 1) > 0      # (B, T) object words
+            handle = encoder.embed_norm.register_forward_pre_hook(
+                lambda module, inputs: (inputs[0] + role_embed(after.long()),))
+            try:
+                return forward(input_ids, attention_mask)
+            finally:
+                handle.remove()
+        encoder.forward = with_roles
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     tcfg = train.TrainConfig(lr=args.lr, warmup_iters=100, max_iters=args.steps)
 
@@ -248,6 +265,8 @@ def main():
     o.add_argument("--image_pos_std", type=float, default=0.0, help="0: meter's init (0.02)")
     o.add_argument("--text_pos_std", type=float, default=0.0, help="0: meter's init (0.02)")
     o.add_argument("--text_mlm", type=int, default=0, help="steps of text-only MLM first")
+    o.add_argument("--roles", action="store_true", help="give word order away: a learned embedding on the words "
+                   "after 'left' / 'above' (the object), so that a bag of words can answer")
     o.add_argument("--seed", type=int, default=0)
     f = sub.add_parser("full")
     f.add_argument("--image_pos", default="", help="'sincos' or a std for the image position grid's init")
