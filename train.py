@@ -336,12 +336,13 @@ def main(argv):
         step = ckpt["step"]
         restore_rng(ckpt["rng"])
     source = SampleSource(train_ds, tcfg.skip_bad_samples, tcfg.cache_samples)
-    positions_of = functools.partial(global_batch_indices, batch_size=tcfg.batch_size, n=len(train_ds),
-                                     seed=tcfg.seed)
     mine = range(rank * micro * accum, (rank + 1) * micro * accum)  # this rank's share of the global batch
 
-    def micro_batch(step, m):
-        share, positions = mine[m * micro: (m + 1) * micro], positions_of(step)
+    def batch_positions(step):
+        return global_batch_indices(step, tcfg.batch_size, len(train_ds), tcfg.seed)
+
+    def micro_batch(positions, step, m):
+        share = mine[m * micro: (m + 1) * micro]
         samples = [source.get(positions[p]) for p in share]
         rngs = [random.Random(f"{tcfg.seed}/{step}/{p}") for p in share]
         batch = stage.collate(samples, tokenizer, scfg, rngs, step / tcfg.max_iters)  # progress: 0 -> 1
@@ -350,7 +351,7 @@ def main(argv):
     peak = peak_tflops(tcfg, device_type, dtype)
     if peak and not tcfg.eval_only:
         with autocast:
-            sample_flops = flops_per_sample(stage, model, micro_batch(step, 0), micro, device)
+            sample_flops = flops_per_sample(stage, model, micro_batch(batch_positions(step), step, 0), micro, device)
     if tcfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if master:
@@ -398,9 +399,9 @@ def main(argv):
             lr = lr_at(step, tcfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, logs = torch.zeros((), device=device), {}
+            positions, loss_sum, logs = batch_positions(step), torch.zeros((), device=device), {}
             for m in range(accum):
-                batch = micro_batch(step, m)
+                batch = micro_batch(positions, step, m)
                 sync = nullcontext() if not ddp or m == accum - 1 else train_model.no_sync()
                 with sync, autocast:
                     loss, logs = stage.compute_loss(train_model, batch)
