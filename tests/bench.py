@@ -41,6 +41,15 @@ def time_alternating(ours, reference, warmup=2, reps=7, sync=None):
     return statistics.median(times["ours"]), statistics.median(times["reference"]), ratios
 
 
+def bench_device(device=None):
+    """-> (the device: the argument, else the environment's BENCH_DEVICE, else cpu; its name for the report; a
+    synchronisation for time_alternating on a GPU, else None)."""
+    device = torch.device(device or os.environ.get("BENCH_DEVICE", "cpu"))
+    if device.type == "cuda":
+        return device, torch.cuda.get_device_name(device), torch.cuda.synchronize
+    return device, f"CPU, {torch.get_num_threads()} threads", None
+
+
 def report(what, timing, reference_name):
     ours_s, reference_s, ratios = timing
     print(f"{what}: ours {ours_s * 1e3:.1f} ms, {reference_name} {reference_s * 1e3:.1f} ms, "
@@ -216,7 +225,7 @@ def bench_florence2_label(size="base", new_tokens=64, batches=(1, 8), reps=5, co
                        encoder_ffn_dim=128, decoder_ffn_dim=128,
                        vision=replace(base.vision, embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1),
                                       num_heads=(1, 2, 3, 4), num_groups=(1, 2, 3, 4)))
-    device = torch.device(device or os.environ.get("BENCH_DEVICE", "cpu"))
+    device, where, sync = bench_device(device)
     compile = compile or os.environ.get("BENCH_COMPILE") == "1"
     cfg, image_token, ours, reference = florence2_pair(base)
     ours.eval().to(device), reference.eval().to(device)
@@ -232,9 +241,6 @@ def bench_florence2_label(size="base", new_tokens=64, batches=(1, 8), reps=5, co
     prompt = torch.cat([torch.full((B, 1), cfg.bos_token_id), torch.randint(3, image_token, (B, 12), generator=g),
                         torch.full((B, 1), cfg.eos_token_id)], 1).to(device)  # (B, 14): the length of <OD>'s prompt
     hf_prompt = torch.cat([torch.full((B, n_image), image_token, device=device), prompt], 1)  # the image slots
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"CPU, {torch.get_num_threads()} threads")
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
     print(f"florence2 labelling: {size}, {cfg.image_size} px ({n_image} image tokens), {prompt.shape[1]} prompt "
           f"tokens, greedy, {new_tokens} new tokens, {where}, transformers attention "
           f"{reference.config._attn_implementation}")
@@ -284,8 +290,8 @@ def bench_florence2_train(config=None, batch=None, steps=None, device=None):
     device: default the environment's BENCH_DEVICE, else cpu. No reference: transformers has no Florence-2 trainer."""
     import train
 
-    device = torch.device(device or os.environ.get("BENCH_DEVICE", "cpu"))
-    gpu = device.type == "cuda"
+    device, where, sync = bench_device(device)
+    sync, gpu = sync or (lambda: None), device.type == "cuda"
     config = config or ("base" if gpu else "toy")
     batch = batch or int(os.environ.get("BENCH_BATCH", 16 if gpu else 8))
     steps = steps or (20 if gpu else 3)
@@ -304,7 +310,6 @@ def bench_florence2_train(config=None, batch=None, steps=None, device=None):
         flops = train.flops_per_sample(stage, model, data, batch, str(device))
     optimizer = train.make_optimizer(model, tcfg, device.type)
     step_model = torch.compile(model) if gpu else model
-    sync = torch.cuda.synchronize if gpu else (lambda: None)
 
     def step():
         with autocast:
@@ -322,7 +327,6 @@ def bench_florence2_train(config=None, batch=None, steps=None, device=None):
     sync()
     seconds = (time.perf_counter() - start) / steps
     rate = batch / seconds
-    where = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
     peak = train.peak_tflops(train.TrainConfig(), device.type, "bfloat16" if gpu else "float32")
     mfu = f", MFU {flops * rate / (peak * 1e12):.1%} of {peak:g} TFLOP/s" if peak else ""
     size = getattr(getattr(model, "cfg", None), "image_size", "?")
