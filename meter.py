@@ -249,6 +249,11 @@ class MeterConfig:
     init_from: str = ""          # a train.py checkpoint: UniCL (its image tower) or vqa_pretrain (all but the heads)
     freeze_stem: bool = True     # with init_from: the toy tower's conv stem is not fine-tuned (see build_model)
     roberta: str = ""            # a transformers RoBERTa folder for the text encoder (its tokenizer is not included)
+    # learning rates relative to the fusion's (train.py's --lr): METER fine-tunes its pretrained encoders at 1/5 of it
+    # and its VQA head at 10x (METER's VQA config: 5e-6, x5 cross-modal, x50 head)
+    image_lr_mult: float = 1.0
+    text_lr_mult: float = 1.0
+    head_lr_mult: float = 1.0
     # data: "shapes" (the built-in world) or VQAv2 files (vqa: questions .json; pretrain: an image-text file)
     data: str = "shapes"
     annotations: str = ""        # VQAv2 annotations .json of the training questions
@@ -344,6 +349,11 @@ class Meter(nn.Module):
         if mlm_labels is not None:
             out["mlm"] = self.mlm_head(x[mlm_labels != -100])                     # (n masked, vocab)
         return out
+
+    def lr_mults(self):
+        """{parameter name prefix: learning-rate multiplier}, read by train.make_optimizer."""
+        return {"image_encoder.": self.cfg.image_lr_mult, "text_encoder.": self.cfg.text_lr_mult,
+                "vqa_head.": self.cfg.head_lr_mult}
 
     def set_grad_checkpointing(self, enable=True):
         self.image_encoder.set_grad_checkpointing(enable)
@@ -609,6 +619,7 @@ CONFIGS = {
     # the paper's: CoSwin-H, RoBERTa-base, 6 co-attention layers of width 768 (Florence section 2.5; METER section 4)
     "florence": MeterConfig(image_encoder="H", img_size=384, text=ROBERTA_BASE, tokenizer="bytes", context_length=40,
                             fusion=FusionConfig(width=768, layers=6, heads=12, ffn=3072, dropout=0.1),
+                            image_lr_mult=0.2, text_lr_mult=0.2, head_lr_mult=10.0,
                             data="", train_size=0, val_size=0),
 }
 STAGE_TASKS = {"vqa": "vqa", "vqa_pretrain": "pretrain"}  # train.py --stage -> MeterConfig.task
@@ -617,7 +628,7 @@ PAPER_ANSWERS = 3129  # METER's VQAv2 answer vocabulary
 TRAIN = {
     "toy": dict(batch_size=64, max_iters=5000, lr=1e-3, warmup_iters=100, weight_decay=0.01, log_interval=50,
                 ckpt_interval=250),
-    "florence": dict(batch_size=512, max_iters=10000, lr=5e-5, warmup_iters=1000, weight_decay=0.01),
+    "florence": dict(batch_size=512, max_iters=10000, lr=2.5e-5, warmup_iters=1000, weight_decay=0.01),  # METER's VQA
 }
 
 

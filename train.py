@@ -190,11 +190,18 @@ def flops_per_sample(stage, model, batch, micro, device):
 
 def make_optimizer(model, cfg: TrainConfig, device_type):
     """Weight decay only on tensors of 2 or more dimensions (weights of linears, convs,
-    embeddings); biases, norm gains and the UniCL temperature (a 0-d scalar) are not decayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+    embeddings); biases, norm gains and the UniCL temperature (a 0-d scalar) are not decayed.
+    A model may scale parts' learning rates: `model.lr_mults()` -> {parameter name prefix:
+    multiplier} (METER trains its pretrained encoders slower than its fusion and heads)."""
+    mults = model.lr_mults() if hasattr(model, "lr_mults") else {}
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            mult = next((m for prefix, m in mults.items() if name.startswith(prefix)), 1.0)
+            groups.setdefault((cfg.weight_decay if p.dim() >= 2 else 0.0, mult), []).append(p)
+    order = sorted(groups, key=lambda k: (k[0] == 0.0, k[1]))  # decayed first, as checkpoints hold them
+    return torch.optim.AdamW([{"params": groups[k], "weight_decay": k[0], "lr_mult": k[1]} for k in order],
+                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
 
 
 # -----------------------------------------------------------------------------
@@ -398,7 +405,7 @@ def main(argv):
         while step < tcfg.max_iters:
             lr = lr_at(step, tcfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_mult", 1.0)
             positions, loss_sum, logs = batch_positions(step), torch.zeros((), device=device), {}
             for m in range(accum):
                 batch = micro_batch(positions, step, m)

@@ -8,6 +8,7 @@ tests (docs/vqa-toy.md, "Why position stays at chance").
     python tests/probe_vqa_position.py oracle --preln --lr 3e-4 --image_pos_std 0.5 --text_pos_std 0.5 --layers 3
     python tests/probe_vqa_position.py oracle --text_mlm 2000  # ... text encoder first MLM-trained on the world's texts
     python tests/probe_vqa_position.py oracle --types all --image_pos_std 0.5 --roles   # ... word order given away
+    python tests/probe_vqa_position.py oracle --types all --image_pos_std 0.5 --add_where  # ... + "is A on the left?"
     python tests/probe_vqa_position.py full --init_from=out_u/ckpt.pt --max_iters=1500 --eval_interval=500 \\
         --val_size=500 --out_dir=out_pos                       # the real toy, position questions first
     python tests/probe_vqa_position.py full --image_pos sincos|0.7 --layers 3 --stages 1 ...   # ... with changes
@@ -100,6 +101,12 @@ def oracle(args):
                     c = centre[a] if args.absolute else (centre[a] + centre[b]) / 2
                     answer = "yes" if c < 32 else "no"
                 maps.append(m), questions.append(q["question"]), answers.append(vocab.answer_index[answer])
+                if args.add_where and split == "train" and q["type"] == "position":  # and "is A on the left?"
+                    a, relation, _ = POSITION.fullmatch(q["question"]).groups()
+                    axis, side = (0, "on the left") if relation == "left of" else (1, "at the top")
+                    obj = next(o for o in s["objects"] if o["ref"] == a)
+                    maps.append(m), questions.append(f"is {a} {side}?")
+                    answers.append(vocab.answer_index["yes" if obj["box"][axis] + obj["box"][axis + 2] < 64 else "no"])
         ids, mask, _ = meter.encode_texts(questions, vocab, cfg)
         return torch.stack(maps), ids, mask, torch.tensor(answers)
 
@@ -119,7 +126,7 @@ def oracle(args):
     if args.roles:  # word order given away: the words after "left" / "above" get a learned "object" embedding
         relation_ids = torch.tensor([vocab.text.encode(w)[0] for w in (" left", " above")])
         role_embed = torch.nn.Embedding(2, cfg.text.width)
-        torch.nn.init.normal_(role_embed.weight, std=0.02)
+        torch.nn.init.normal_(role_embed.weight, std=args.role_std)
         model.role_embed = role_embed  # trained with the model
         encoder = model.text_encoder
 
@@ -267,6 +274,9 @@ def main():
     o.add_argument("--text_mlm", type=int, default=0, help="steps of text-only MLM first")
     o.add_argument("--roles", action="store_true", help="give word order away: a learned embedding on the words "
                    "after 'left' / 'above' (the object), so that a bag of words can answer")
+    o.add_argument("--add_where", action="store_true", help="train on 'is A on the left / at the top?' too (one "
+                   "object's half), beside each position question")
+    o.add_argument("--role_std", type=float, default=0.02, help="init std of the --roles embedding")
     o.add_argument("--seed", type=int, default=0)
     f = sub.add_parser("full")
     f.add_argument("--image_pos", default="", help="'sincos' or a std for the image position grid's init")

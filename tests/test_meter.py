@@ -356,6 +356,27 @@ def test_init_from_a_unicl_checkpoint(tmp_path):
     assert not torch.equal(unfrozen["image_encoder." + first], tower["visual." + first])
 
 
+def test_learning_rate_multipliers_reach_each_part(tmp_path):
+    """--image_lr_mult / --text_lr_mult / --head_lr_mult scale those parts' learning rate against the fusion's
+    (METER's slower encoders, faster head). AdamW's first step moves every parameter with a gradient by its learning
+    rate (m / sqrt(v) = +-1), so each part's median bias step over --lr gives its multiplier; without multipliers the
+    optimizer keeps its two groups (decayed first), as earlier checkpoints hold them."""
+    args = ["--stage", "vqa", "--train_size=16", "--batch_size=8", "--val_size=0", "--max_iters=1", "--warmup_iters=0",
+            "--lr=1e-3", "--image_lr_mult=0.2", "--text_lr_mult=0.5", "--head_lr_mult=10", f"--out_dir={tmp_path}"]
+    torch.manual_seed(0)
+    cfg = meter.CONFIGS["toy"]
+    before = meter.build_model(cfg, meter.build_tokenizer(cfg)).state_dict()  # train.py's init: the same seed
+    train.main(args)
+    after = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
+    mults = {"image_encoder.": 0.2, "text_encoder.": 0.5, "vqa_head.": 10.0, "text_layers.": 1.0, "image_proj.": 1.0}
+    for prefix, mult in mults.items():
+        steps = torch.cat([(after[k] - before[k]).abs().flatten() for k in after
+                           if k.startswith(prefix) and k.endswith(".bias") and not torch.equal(after[k], before[k])])
+        assert abs(steps.median().item() / 1e-3 - mult) < 0.02 * mult, (prefix, steps.median())
+    optimizer = train.make_optimizer(meter.build_model(cfg, meter.build_tokenizer(cfg)), train.TrainConfig(), "cpu")
+    assert [(g["weight_decay"] > 0, g["lr_mult"]) for g in optimizer.param_groups] == [(True, 1.0), (False, 1.0)]
+
+
 def test_vqa_stage_on_vqav2_files(tmp_path):
     """--data / --annotations / --val_data train and evaluate on VQAv2 files; an over-long question is truncated
     and counted; a val answer outside the training vocabulary is counted and scores 0."""
