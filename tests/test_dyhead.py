@@ -14,8 +14,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -29,6 +27,7 @@ from PIL import Image
 
 import data
 import dyhead
+import test_train  # one_and_two_processes: train.py in 1 and 2 processes
 import train
 from dyhead import (COCO_STATS, FPN, ATSSHead, DyHeadBlock, DynamicHead, DyReLU, anchors, atss_assign, atss_losses,
                     batched_nms, box_iou, centerness_targets, coco_eval, decode, deform_conv2d, encode, giou_loss,
@@ -982,17 +981,7 @@ def test_det_two_processes_match_one(tmp_path):
     positive count and centerness sum that normalise the losses are taken over both processes (without that, each
     process would normalise by its own half and the losses would differ at once)."""
     args = [*TINY_DET, "--val_size=0", "--log_interval=1", "--batch_size=8", "--max_iters=3", "--num_blocks=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    runs = {}
-    for name, launcher in (("one", [sys.executable]),
-                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                    "--nproc_per_node=2"])):
-        out = subprocess.run(launcher + ["train.py", *args, f"--out_dir={tmp_path / name}"], cwd=root,
-                             capture_output=True, text=True, env=env, timeout=600)
-        assert out.returncode == 0, out.stderr[-2000:]
-        with open(tmp_path / name / "metrics.jsonl") as f:
-            runs[name] = [(r["loss"], r["grad_norm"]) for r in map(json.loads, f) if "loss" in r]
+    runs = test_train.one_and_two_processes(args, tmp_path)
     assert len(runs["one"]) == 3
     for step, ((l1, g1), (l2, g2)) in enumerate(zip(runs["one"], runs["two"])):
         # after the first update, parameters whose gradient is rounding noise (Adam turns it into lr-sized steps
