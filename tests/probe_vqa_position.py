@@ -9,6 +9,7 @@ tests (docs/vqa-toy.md, "Why position stays at chance").
     python tests/probe_vqa_position.py oracle --text_mlm 2000  # ... text encoder first MLM-trained on the world's texts
     python tests/probe_vqa_position.py oracle --types all --image_pos_std 0.5 --roles   # ... word order given away
     python tests/probe_vqa_position.py oracle --types all --image_pos_std 0.5 --add_where  # ... + "is A on the left?"
+    python tests/probe_vqa_position.py oracle --types all --image_pos_std 0.5 --ground 1   # ... + words name cells
     python tests/probe_vqa_position.py full --init_from=out_u/ckpt.pt --max_iters=1500 --eval_interval=500 \\
         --val_size=500 --out_dir=out_pos                       # the real toy, position questions first
     python tests/probe_vqa_position.py full --image_pos sincos|0.7 --layers 3 --stages 1 ...   # ... with changes
@@ -63,6 +64,22 @@ def oracle_map(objects, grid, channels=96, size=64):
     return f
 
 
+def ground_cells(q, objects, vocab, grid, size=64):
+    """[(first token, end token, cell)] of a position question's two object phrases: the cell of each object's centre
+    on the grid x grid map (row-major), for --ground; [] for other questions."""
+    if q["type"] != "position":
+        return []
+    a, relation, b = POSITION.fullmatch(q["question"]).groups()
+    out = []
+    for prefix, ref in (("is", a), (f"is {a} {relation}", b)):
+        start = len(vocab.text.encode(prefix, bos=True))
+        end = len(vocab.text.encode(f"{prefix} {ref}", bos=True))
+        x0, y0, x1, y1 = next(o["box"] for o in objects if o["ref"] == ref)
+        col, row = min(grid - 1, int((x0 + x1) / 2 / size * grid)), min(grid - 1, int((y0 + y1) / 2 / size * grid))
+        out.append((start, end, row * grid + col))
+    return out
+
+
 def oracle(args):
     torch.manual_seed(args.seed)
     if args.preln:  # the same weights used pre-LN: x + f(LN(x)) in place of LN(x + f(x))
@@ -82,9 +99,9 @@ def oracle(args):
     vocab = meter.build_tokenizer(cfg)
     types = set(meter.QUESTION_TYPES if args.types == "all" else args.types.split(","))
 
-    def build(split, n, types):  # -> (maps (Q, 96, g, g), input_ids, attention_mask, answer index (Q,))
+    def build(split, n, types):  # -> (maps (Q, 96, g, g), input_ids, attention_mask, answer index (Q,), cells)
         world = data.ShapesWorld(split, size=64, n=n, seed=0, ocr_prob=0.0)
-        maps, questions, answers = [], [], []
+        maps, questions, answers, cells = [], [], [], []
         for i in range(n):
             s = world[i]
             m = oracle_map(s["objects"], args.grid)
@@ -101,14 +118,19 @@ def oracle(args):
                     c = centre[a] if args.absolute else (centre[a] + centre[b]) / 2
                     answer = "yes" if c < 32 else "no"
                 maps.append(m), questions.append(q["question"]), answers.append(vocab.answer_index[answer])
+                cells.append(ground_cells(q, s["objects"], vocab, args.grid))
                 if args.add_where and split == "train" and q["type"] == "position":  # and "is A on the left?"
                     a, relation, _ = POSITION.fullmatch(q["question"]).groups()
                     axis, side = (0, "on the left") if relation == "left of" else (1, "at the top")
                     obj = next(o for o in s["objects"] if o["ref"] == a)
-                    maps.append(m), questions.append(f"is {a} {side}?")
+                    maps.append(m), questions.append(f"is {a} {side}?"), cells.append([])
                     answers.append(vocab.answer_index["yes" if obj["box"][axis] + obj["box"][axis + 2] < 64 else "no"])
         ids, mask, _ = meter.encode_texts(questions, vocab, cfg)
-        return torch.stack(maps), ids, mask, torch.tensor(answers)
+        targets = torch.full(ids.shape, -100)
+        for k, c in enumerate(cells):
+            for start, end, cell in c:
+                targets[k, start:end] = cell
+        return torch.stack(maps), ids, mask, torch.tensor(answers), targets
 
     train_set, val_set = build("train", args.n, types), build("val", 2000, {"position"})
     answers = " (absolute answers)" if args.absolute else " (symmetric answers)" if args.symmetric else ""
@@ -139,6 +161,9 @@ def oracle(args):
             finally:
                 handle.remove()
         encoder.forward = with_roles
+    if args.ground:
+        ground_head = torch.nn.Linear(cfg.fusion.width, args.grid * args.grid)
+        model.ground_head = ground_head  # trained with the model
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     tcfg = train.TrainConfig(lr=args.lr, warmup_iters=100, max_iters=args.steps)
 
@@ -150,23 +175,30 @@ def oracle(args):
         model.train()
         return right.item() / len(val_set[0])
 
-    g, start, losses = torch.Generator().manual_seed(args.seed), time.time(), []
+    g, start, losses, grounded = torch.Generator().manual_seed(args.seed), time.time(), [], []
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = train.lr_at(step, tcfg)
         idx = torch.randint(len(train_set[0]), (64,), generator=g)
-        logits = model(*[t[idx] for t in train_set[:3]])["vqa"]
+        x, _, pooled = model.fuse(*[t[idx] for t in train_set[:3]])
+        logits = model.vqa_head(pooled)
         target = F.one_hot(train_set[3][idx], len(vocab.answers)).float()
         loss = F.binary_cross_entropy_with_logits(logits, target) * target.shape[1]
+        cells = train_set[4][idx]
+        if args.ground and (cells != -100).any():  # each fused word of a position question's objects names its cell
+            cell_logits = ground_head(x[cells != -100])
+            loss = loss + args.ground * F.cross_entropy(cell_logits, cells[cells != -100])
+            grounded.append((cell_logits.argmax(-1) == cells[cells != -100]).float().mean().item())
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
         if (step + 1) % 500 == 0:
-            print(f"step {step + 1} | train loss {sum(losses) / len(losses):.4f} | val position accuracy "
+            ground = f" | train cells right {sum(grounded) / len(grounded):.3f}" if grounded else ""
+            print(f"step {step + 1} | train loss {sum(losses) / len(losses):.4f}{ground} | val position accuracy "
                   f"{val_accuracy():.3f} | {time.time() - start:.0f} s", flush=True)
-            losses = []
+            losses, grounded = [], []
 
 
 def text_mlm(encoder, vocab, cfg, args):
@@ -276,6 +308,8 @@ def main():
                    "after 'left' / 'above' (the object), so that a bag of words can answer")
     o.add_argument("--add_where", action="store_true", help="train on 'is A on the left / at the top?' too (one "
                    "object's half), beside each position question")
+    o.add_argument("--ground", type=float, default=0.0, help="weight of an extra loss: each fused word of a position "
+                   "question's two objects predicts its object's cell (a linear head)")
     o.add_argument("--role_std", type=float, default=0.02, help="init std of the --roles embedding")
     o.add_argument("--seed", type=int, default=0)
     f = sub.add_parser("full")
