@@ -356,7 +356,9 @@ def main(argv):
         return {k: v.to(device) for k, v in batch.items()}
 
     peak = peak_tflops(tcfg, device_type, dtype)
-    if peak and not tcfg.eval_only:
+    if tcfg.eval_only:
+        peak = 0.0  # nothing is trained: no MFU
+    if peak:
         with autocast:
             sample_flops = flops_per_sample(stage, model, micro_batch(batch_positions(step), step, 0), micro, device)
     if tcfg.grad_checkpointing:
@@ -366,7 +368,7 @@ def main(argv):
         n_params = sum(p.numel() for p in model.parameters())
         print(f"stage {tcfg.stage} | config {tcfg.config} | {n_params / 1e6:.2f}M parameters | device {device} "
               f"x{world} | {dtype} | global batch {tcfg.batch_size} = {world} ranks x {accum} accum x {micro}")
-        if peak and not tcfg.eval_only:
+        if peak:
             print(f"MFU: {sample_flops / 1e9:.3f} GFLOPs a sample (forward + backward) against {peak:g} TFLOPs a "
                   f"device")
 

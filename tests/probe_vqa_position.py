@@ -41,6 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat project files
 import data  # noqa: E402
 import meter  # noqa: E402
+import probe_vqa_heldout  # noqa: E402  (load: a vqa checkpoint as trained)
 import train  # noqa: E402
 
 POSITION = re.compile(r"is (the .+?) (left of|above) (the .+)\?")
@@ -259,12 +260,8 @@ def full(args, rest):
 
 @torch.no_grad()
 def order(args):
-    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-    cfg = meter.MeterConfig(**{**ckpt["stage_config"], "init_from": ""})
+    model, cfg = probe_vqa_heldout.load(args.ckpt)
     vocab = meter.build_tokenizer(cfg)
-    model = meter.build_model(cfg, vocab)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
     ds = meter.ShapesVQA("train", cfg.img_size, 3000, seed=7)
     images, questions = [], []
     for i in range(len(ds)):
