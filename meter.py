@@ -241,6 +241,7 @@ class MeterConfig:
     image_encoder: str = "toy"   # a coswin.CONFIGS name
     image_stages: int = 0        # CoSwin stages used (0 = all); the image tokens are the last one's map
     image_positions: int = 0     # side of a grid of learned image-token positions (0 = none, as METER's Swin towers)
+    image_pos_std: float = 0.02  # their initial std (BERT's init)
     img_size: int = 64
     text: TextConfig = None
     fusion: FusionConfig = None
@@ -254,6 +255,7 @@ class MeterConfig:
     image_lr_mult: float = 1.0
     text_lr_mult: float = 1.0
     head_lr_mult: float = 1.0
+    ground_weight: float = 0.0   # the toy's grounding aid (section 6; 0 = off, as in the paper's config)
     # data: "shapes" (the built-in world) or VQAv2 files (vqa: questions .json; pretrain: an image-text file)
     data: str = "shapes"
     annotations: str = ""        # VQAv2 annotations .json of the training questions
@@ -310,7 +312,7 @@ class Meter(nn.Module):
         for module in fresh:
             module.apply(self._init_weights)  # BERT's init; CoSwin keeps its own
         if self.image_pos is not None:
-            nn.init.normal_(self.image_pos, std=0.02)
+            nn.init.normal_(self.image_pos, std=cfg.image_pos_std)
 
     @staticmethod
     def _init_weights(m):
@@ -512,7 +514,7 @@ class ShapesVQA:
         if self.split != "train":
             questions = [pick_question(questions, random.Random(f"vqa/{self.split}/{index}"))]
         heldout = any((o["color"], o["category"]) in data.HELDOUT for o in s["objects"])
-        return {"image": s["image"], "questions": questions, "heldout": heldout}
+        return {"image": s["image"], "questions": questions, "heldout": heldout, "objects": s["objects"]}
 
 
 def _read_json(path, what):
@@ -613,9 +615,11 @@ ROBERTA_BASE = TextConfig(vocab_size=50265, width=768, layers=12, heads=12, ffn=
                           position_pad=1, type_vocab_size=1, layer_norm_eps=1e-5, dropout=0.1)
 CONFIGS = {
     # CPU toy at 64 px: the first two stages of the UniCL toy's CoSwin (8 x 8, then 4 x 4 tokens of 96 channels) with
-    # learned positions on the 16 image tokens; a 2-layer word-level text encoder of width 96; 2 co-attention layers of
-    # width 128 per modality
-    "toy": MeterConfig(image_stages=2, image_positions=4, text=TOY_TEXT, fusion=TOY_FUSION),
+    # learned positions on the 16 image tokens, initialised strong (std 0.5: ~60% of a projected token's norm, so that
+    # cells differ from the first step, as a pretrained ViT's positions do); a 2-layer word-level text encoder of width
+    # 96; 2 co-attention layers of width 128 per modality; the grounding aid of section 6
+    "toy": MeterConfig(image_stages=2, image_positions=4, image_pos_std=0.5, text=TOY_TEXT, fusion=TOY_FUSION,
+                       ground_weight=1.0),
     # the paper's: CoSwin-H, RoBERTa-base, 6 co-attention layers of width 768 (Florence section 2.5; METER section 4)
     "florence": MeterConfig(image_encoder="H", img_size=384, text=ROBERTA_BASE, tokenizer="bytes", context_length=40,
                             fusion=FusionConfig(width=768, layers=6, heads=12, ffn=3072, dropout=0.1),
@@ -670,6 +674,8 @@ def build_tokenizer(cfg: MeterConfig) -> Vocab:
 
 def build_model(cfg: MeterConfig, vocab: Vocab) -> Meter:
     model = Meter(cfg, len(vocab.answers))
+    if cfg.ground_weight and cfg.task == "vqa":
+        model.ground_aid = GroundingAid(model)
     if cfg.roberta:
         _, weights = load_roberta_folder(cfg.roberta)
         model.text_encoder.load_state_dict(weights)
@@ -689,8 +695,9 @@ def load_init(model: Meter, path, cfg: MeterConfig):
     if stage != "vqa_pretrain":
         coswin.load_unicl_tower(model.image_encoder, path, cfg.image_encoder)
         return
-    body = {k: v for k, v in ckpt["model"].items() if not k.startswith(("itm_head.", "mlm_head.", "vqa_head."))}
-    missing = [k for k in model.state_dict() if k not in body and not k.startswith("vqa_head.")]
+    heads = ("itm_head.", "mlm_head.", "vqa_head.", "ground_aid.")
+    body = {k: v for k, v in ckpt["model"].items() if not k.startswith(heads)}
+    missing = [k for k in model.state_dict() if k not in body and not k.startswith(heads)]
     if missing:
         raise ValueError(f"--init_from {path!r} does not fit this model: missing {missing[:5]}")
     model.load_state_dict(body, strict=False)
@@ -781,7 +788,10 @@ def collate(samples, vocab: Vocab, cfg: MeterConfig, rngs=None, progress=None):
     questions = [pick_question(s["questions"], rng) for s, rng in zip(samples, rngs)]
     input_ids, mask, _ = encode_texts([q["question"] for q in questions], vocab, cfg)
     targets = torch.stack([soft_targets(q["answers"], vocab.answer_index) for q in questions])  # (B, answers)
-    return {"images": images, "input_ids": input_ids, "attention_mask": mask, "targets": targets}
+    batch = {"images": images, "input_ids": input_ids, "attention_mask": mask, "targets": targets}
+    if cfg.ground_weight and all("objects" in s for s in samples):  # the toy's aid (section 6)
+        batch["ground_cells"] = ground_targets(questions, samples, input_ids.shape[1], vocab, cfg.image_positions)
+    return batch
 
 
 def collate_pretrain(samples, images, vocab, cfg, rngs):
@@ -808,6 +818,10 @@ def compute_loss(model, batch):
     if "targets" in batch:  # VQA: binary cross entropy against the soft scores, summed over answers (METER)
         logits = model(batch["images"], batch["input_ids"], batch["attention_mask"])["vqa"].float()
         loss = F.binary_cross_entropy_with_logits(logits, batch["targets"]) * batch["targets"].shape[1]
+        aid = getattr(getattr(model, "module", model), "ground_aid", None)  # DDP wraps the model in .module
+        if aid is not None and "ground_cells" in batch:
+            ground = aid.loss(batch["ground_cells"])
+            return loss + aid.weight * ground, {"vqa_bce": loss.item(), "ground": ground.item()}
         return loss, {"vqa_bce": loss.item()}
     out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["mlm_labels"])
     itm = F.cross_entropy(out["itm"].float(), batch["itm_labels"])
@@ -878,3 +892,57 @@ def evaluate_pretrain(model, val, vocab, cfg):
         mlm_right += (out["mlm"].argmax(-1) == labels).sum().item()
         mlm_n += labels.numel()
     return {"itm_acc": itm_right / itm_n, "mlm_acc": mlm_right / max(1, mlm_n)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. A CPU-toy aid, off in the paper's config: grounding the question's object words (MeterConfig.ground_weight).
+# Why: a position question ("is the red circle left of the blue star?") needs each object's words to fetch where
+# their object is in the first fusion layer, so that the second can compare subject and object. Trained from scratch,
+# nothing makes a word fetch anything: the answer only rewards fetching once the comparison exists, and the comparison
+# only once words fetch, so position stays at chance (docs/vqa-toy.md, "Why position stays at chance"). METER's words
+# come from a RoBERTa and its image tokens from a ViT pretrained on millions of pairs; here a linear head on the first
+# fusion layer's text tokens predicts the image-map cell of the object each named phrase refers to, beside the VQA loss.
+
+class GroundingAid(nn.Module):
+    """Keeps the cell logits (B, T, cells) of the first text fusion layer's outputs at each forward pass."""
+
+    def __init__(self, model: Meter):
+        super().__init__()
+        if not model.cfg.image_positions:
+            raise ValueError("ground_weight needs image_positions: the aid names cells of that grid")
+        self.weight, self.logits = model.cfg.ground_weight, None
+        self.head = nn.Linear(model.cfg.fusion.width, model.cfg.image_positions ** 2)
+        model.text_layers[0].register_forward_hook(lambda layer, inputs, x: setattr(self, "logits", self.head(x)))
+
+    def loss(self, cells):
+        """Cross entropy over the tokens with a cell (cells (B, T), -100 elsewhere), averaged over every process's
+        such tokens (each holds a different number); logits.sum() * 0 keeps the head in the backward pass if none."""
+        logits, self.logits = self.logits, None
+        named = cells != -100
+        count = coswin.per_process_share(named.sum().float()).clamp(min=1.0)
+        return F.cross_entropy(logits[named].float(), cells[named], reduction="sum") / count + logits.sum() * 0.0
+
+
+def ground_targets(questions, samples, T, vocab: Vocab, grid):
+    """(B, T) of each token's cell on the grid x grid image map, for the tokens of a phrase in the question that names
+    one object ("the red circle" or another `ref`, "the square" with one square, "the red object" with one red
+    object), -100 elsewhere. The cell is the one under the object's centre."""
+    cells = torch.full((len(questions), T), -100)
+    for b, (q, s) in enumerate(zip(questions, samples)):
+        text, width = q["question"], s["image"].size[0]
+        for o in s["objects"]:
+            phrases = [o["ref"]]
+            if sum(p["category"] == o["category"] for p in s["objects"]) == 1:
+                phrases.append(f"the {o['category']}")
+            if sum(p["color"] == o["color"] for p in s["objects"]) == 1:
+                phrases.append(f"the {o['color']} object")
+            x0, y0, x1, y1 = o["box"]
+            cell = min(grid - 1, int((y0 + y1) / 2 / width * grid)) * grid + min(grid - 1, int((x0 + x1) / 2 / width * grid))
+            for phrase in phrases:
+                start = text.find(phrase)
+                if start < 0 or text[start + len(phrase)] not in " ?":  # "the red circle" in "the red circles"
+                    continue
+                first = len(vocab.text.encode(text[:start].rstrip(), bos=True))   # tokens before the phrase
+                end = min(T, len(vocab.text.encode(text[:start + len(phrase)], bos=True)))
+                cells[b, first:end] = cell
+    return cells
