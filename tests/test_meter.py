@@ -291,6 +291,16 @@ def test_vqa_stage_learns(tmp_path):
     assert {"acc_count", "acc_color", "acc_seen", "acc_heldout", "truncated"} <= set(metrics)
 
 
+@pytest.mark.slow
+def test_default_run_reaches_the_issue_bar(tmp_path):
+    """The README's two commands: the UniCL toy for 2400 steps, then `python train.py --stage vqa --init_from=...`:
+    vqa_acc >= 0.90 and position >= 0.75 on the 2000 val questions (~20 min on 2 cores; docs/vqa-toy.md)."""
+    train.main(["--max_iters=2400", f"--out_dir={tmp_path / 'u'}"])
+    metrics = train.main(["--stage", "vqa", f"--init_from={tmp_path / 'u' / 'ckpt.pt'}", "--eval_interval=1000",
+                          f"--out_dir={tmp_path / 'v'}"])
+    assert metrics["vqa_acc"] >= 0.90 and metrics["acc_position"] >= 0.75, metrics
+
+
 def test_vqa_resume_continues_exactly(tmp_path):
     args = [*TINY_VQA, "--val_size=0", "--log_interval=1", "--batch_size=4"]
     train.main([*args, "--max_iters=6", f"--out_dir={tmp_path / 'full'}"])
