@@ -674,7 +674,7 @@ def build_tokenizer(cfg: MeterConfig) -> Vocab:
 
 def build_model(cfg: MeterConfig, vocab: Vocab) -> Meter:
     model = Meter(cfg, len(vocab.answers))
-    if cfg.ground_weight and cfg.task == "vqa":
+    if cfg.ground_weight and cfg.task == "vqa" and cfg.data == "shapes":  # its targets need the world's objects
         model.ground_aid = GroundingAid(model)
     if cfg.roberta:
         _, weights = load_roberta_folder(cfg.roberta)
@@ -899,9 +899,10 @@ def evaluate_pretrain(model, val, vocab, cfg):
 # Why: a position question ("is the red circle left of the blue star?") needs each object's words to fetch where
 # their object is in the first fusion layer, so that the second can compare subject and object. Trained from scratch,
 # nothing makes a word fetch anything: the answer only rewards fetching once the comparison exists, and the comparison
-# only once words fetch, so position stays at chance (docs/vqa-toy.md, "Why position stays at chance"). METER's words
-# come from a RoBERTa and its image tokens from a ViT pretrained on millions of pairs; here a linear head on the first
-# fusion layer's text tokens predicts the image-map cell of the object each named phrase refers to, beside the VQA loss.
+# only once words fetch, so position stays at chance (docs/vqa-toy.md, "Position: the cause and the grounding aid").
+# METER's words come from a RoBERTa and its image tokens from a ViT pretrained on millions of pairs; here a linear head
+# on the first fusion layer's text tokens predicts the image-map cell of the object each named phrase refers to, beside
+# the VQA loss.
 
 class GroundingAid(nn.Module):
     """Keeps the cell logits (B, T, cells) of the first text fusion layer's outputs at each forward pass."""
@@ -937,12 +938,12 @@ def ground_targets(questions, samples, T, vocab: Vocab, grid):
             if sum(p["color"] == o["color"] for p in s["objects"]) == 1:
                 phrases.append(f"the {o['color']} object")
             x0, y0, x1, y1 = o["box"]
-            cell = min(grid - 1, int((y0 + y1) / 2 / width * grid)) * grid + min(grid - 1, int((x0 + x1) / 2 / width * grid))
+            row, col = (min(grid - 1, int((a0 + a1) / 2 / width * grid)) for a0, a1 in ((y0, y1), (x0, x1)))
             for phrase in phrases:
                 start = text.find(phrase)
-                if start < 0 or text[start + len(phrase)] not in " ?":  # "the red circle" in "the red circles"
+                if start < 0 or text[start + len(phrase):][:1] not in ("", " ", "?"):  # not "the circle" of "circles"
                     continue
                 first = len(vocab.text.encode(text[:start].rstrip(), bos=True))   # tokens before the phrase
                 end = min(T, len(vocab.text.encode(text[:start + len(phrase)], bos=True)))
-                cells[b, first:end] = cell
+                cells[b, first:end] = row * grid + col
     return cells

@@ -50,7 +50,8 @@ def sample(rng, position, args):
         m = torch.zeros(96, G, G)
         for o in objs:
             m[o["c"], o["row"], o["col"]] = m[len(C) + o["s"], o["row"], o["col"]] = 1
-            m[20, o["row"], o["col"]], m[21, o["row"], o["col"]] = args.coords * (o["col"] - 1.5), args.coords * (o["row"] - 1.5)
+            m[20, o["row"], o["col"]] = args.coords * (o["col"] - 1.5)  # --coords: x and y as channels
+            m[21, o["row"], o["col"]] = args.coords * (o["row"] - 1.5)
         name = lambda o: f"the {C[o['c']]} {S[o['s']]}"  # noqa: E731
         a = rng.choice(objs)
         if position:
@@ -84,7 +85,7 @@ def sample(rng, position, args):
 
 
 def batch(rng, n, args, vocab, cfg, position_share):
-    """-> maps, input_ids, attention_mask, answer index, token x (B, T) of the named words, token cell (-100 if none)."""
+    """-> maps, input_ids, attention_mask, answers, token x (B, T) of the named words, token cell (-100 if none)."""
     rows = [sample(rng, rng.random() < position_share, args) for _ in range(n)]
     ids, mask, _ = meter.encode_texts([r[1] for r in rows], vocab, cfg)
     xs, cells = torch.zeros(ids.shape), torch.full(ids.shape, -100)
