@@ -1,5 +1,5 @@
 """Why does the toy METER answer position questions ("is the red circle left of the blue star?") at chance? Probes, not
-tests (docs/vqa-toy.md, "Why position stays at chance").
+tests (docs/vqa-toy.md, "Why position stayed at chance").
 
     python tests/probe_vqa_position.py oracle                  # text encoder + fusion on oracle image tokens
     python tests/probe_vqa_position.py oracle --absolute       # ... answer: is the subject in the left / top half?
