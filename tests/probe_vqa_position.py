@@ -95,7 +95,7 @@ def oracle(args):
             x = x + self.attn(h, h, mask)
             return x + self.ffn(self.ffn_norm.norm(x))
         meter.CoAttentionLayer.forward, meter.EncoderLayer.forward = co_forward, enc_forward
-    cfg = dataclasses.replace(meter.CONFIGS["toy"], image_positions=args.grid,
+    cfg = dataclasses.replace(meter.CONFIGS["toy"], image_positions=args.grid, image_pos_std=0.02, ground_weight=0.0,
                               fusion=meter.FusionConfig(layers=args.layers))
     vocab = meter.build_tokenizer(cfg)
     types = set(meter.QUESTION_TYPES if args.types == "all" else args.types.split(","))
@@ -237,7 +237,7 @@ def sincos_grid(dim, n):
 def full(args, rest):
     if not args.mix:
         meter.pick_question = position_first
-    toy = meter.CONFIGS["toy"]
+    toy = dataclasses.replace(meter.CONFIGS["toy"], ground_weight=0.0, image_pos_std=0.02)  # the toy before its aid
     if args.layers:
         toy = dataclasses.replace(toy, fusion=meter.FusionConfig(layers=args.layers))
     if args.stages:
