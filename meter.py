@@ -937,13 +937,24 @@ def ground_targets(questions, samples, T, vocab: Vocab, grid):
                 phrases.append(f"the {o['category']}")
             if sum(p["color"] == o["color"] for p in s["objects"]) == 1:
                 phrases.append(f"the {o['color']} object")
-            x0, y0, x1, y1 = o["box"]
-            row, col = (min(grid - 1, int((a0 + a1) / 2 / width * grid)) for a0, a1 in ((y0, y1), (x0, x1)))
+            cell = centre_cell(o["box"], width, grid)
             for phrase in phrases:
                 start = text.find(phrase)
                 if start < 0 or text[start + len(phrase):][:1] not in ("", " ", "?"):  # not "the circle" of "circles"
                     continue
-                first = len(vocab.text.encode(text[:start].rstrip(), bos=True))   # tokens before the phrase
-                end = min(T, len(vocab.text.encode(text[:start + len(phrase)], bos=True)))
-                cells[b, first:end] = row * grid + col
+                first, end = phrase_tokens(text, start, start + len(phrase), vocab)
+                cells[b, first:min(T, end)] = cell
     return cells
+
+
+def centre_cell(box, width, grid):
+    """The cell (row-major) of a grid x grid map over a width-px image that holds the centre of box (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = box
+    row, col = (min(grid - 1, int((a0 + a1) / 2 / width * grid)) for a0, a1 in ((y0, y1), (x0, x1)))
+    return row * grid + col
+
+
+def phrase_tokens(text, start, end, vocab: Vocab):
+    """(first, end) token positions of the characters text[start:end], a phrase of whole words, in the encoding of
+    text with its begin token: the tokens before the phrase, then those through its last character."""
+    return len(vocab.text.encode(text[:start].rstrip(), bos=True)), len(vocab.text.encode(text[:end], bos=True))

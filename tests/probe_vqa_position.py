@@ -57,8 +57,7 @@ def oracle_map(objects, grid, channels=96, size=64):
     """(channels, grid, grid): one-hot colour, shape and size at the cell of each object's centre."""
     f = torch.zeros(channels, grid, grid)
     for o in objects:
-        x0, y0, x1, y1 = o["box"]
-        cx, cy = min(grid - 1, int((x0 + x1) / 2 / size * grid)), min(grid - 1, int((y0 + y1) / 2 / size * grid))
+        cy, cx = divmod(meter.centre_cell(o["box"], size, grid), grid)
         for k in (data.COLORS.index(o["color"]), len(data.COLORS) + data.SHAPES.index(o["category"]),
                   len(data.COLORS) + len(data.SHAPES) + data.SIZES.index(o["size"])):
             f[k, cy, cx] += 1
@@ -73,11 +72,10 @@ def ground_cells(q, objects, vocab, grid, size=64):
     a, relation, b = POSITION.fullmatch(q["question"]).groups()
     out = []
     for prefix, ref in (("is", a), (f"is {a} {relation}", b)):
-        start = len(vocab.text.encode(prefix, bos=True))
-        end = len(vocab.text.encode(f"{prefix} {ref}", bos=True))
-        x0, y0, x1, y1 = next(o["box"] for o in objects if o["ref"] == ref)
-        col, row = min(grid - 1, int((x0 + x1) / 2 / size * grid)), min(grid - 1, int((y0 + y1) / 2 / size * grid))
-        out.append((start, end, row * grid + col))
+        start = len(prefix) + 1  # the character after "<prefix> "
+        first, end = meter.phrase_tokens(q["question"], start, start + len(ref), vocab)
+        box = next(o["box"] for o in objects if o["ref"] == ref)
+        out.append((first, end, meter.centre_cell(box, size, grid)))
     return out
 
 

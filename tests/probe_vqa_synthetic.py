@@ -91,8 +91,7 @@ def batch(rng, n, args, vocab, cfg, position_share):
     xs, cells = torch.zeros(ids.shape), torch.full(ids.shape, -100)
     for b, (_, question, _, spans) in enumerate(rows):
         for start, end, x, cell in spans:
-            first = len(vocab.text.encode(question[:start].rstrip(), bos=True))
-            last = len(vocab.text.encode(question[:end], bos=True))
+            first, last = meter.phrase_tokens(question, start, end, vocab)
             xs[b, first:last], cells[b, first:last] = x, cell
     answers = torch.tensor([vocab.answer_index[r[2]] for r in rows])
     return torch.stack([r[0] for r in rows]), ids, mask, answers, xs, cells
