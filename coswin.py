@@ -11,8 +11,10 @@ pooling on top. Read it top to bottom:
      Sections 2-4 work on maps of any number of axes, so video.py's 3D windows (T, H, W) are these same blocks.
   4. The pre-LN Swin block with an MLP and stochastic depth, a stage of blocks, the whole model, named configs.
   5. load_timm_swin: timm's Swin weights into patch mode, which makes this file testable against a reference Swin.
-  6. For the adapters (det, vqa, video): load_unicl_tower, the image tower of a train.py UniCL checkpoint, and
-     per_process_share, the DDP normaliser of a loss averaged over a batch-dependent count.
+  6. For the adapters (det, vqa, video): read_checkpoint (a train.py checkpoint of a named stage), load_unicl_tower
+     (the image tower of a UniCL checkpoint), and per_process_share, the DDP normaliser of a loss averaged over a
+     batch-dependent count.
+  The building blocks other files reuse live here: Mlp, residual (stochastic depth), bert_init, ConvStem.
 
 Tensors inside a stage are kept channels-last, (B, H, W, C), as in Swin: every LayerNorm and Linear then acts on the
 last dimension without permutes.
@@ -323,6 +325,21 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+def bert_init(m, std=0.02):
+    """BERT's init (also BART's and RoBERTa's), for module.apply: Linear and Embedding weights from N(0, std), zero
+    biases, a zero padding row, LayerNorm 1 and 0. The text towers and fusion layers of meter.py and florence2.py."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=std)
+    if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+    if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+        nn.init.zeros_(m.weight[m.padding_idx])
+    if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+        nn.init.ones_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 class SwinBlock(nn.Module):
     def __init__(self, dim, num_heads, window_size, shifted, mlp_ratio, qkv_bias, drop_path):
         super().__init__()
@@ -518,22 +535,27 @@ if __name__ == "__main__":
 # 6. The adapters (dyhead.py, meter.py, video.py) start from the CoSwin that UniCL pretrained (Florence section 2.4-2.6).
 # A train.py UniCL checkpoint keeps it under model.visual.*, with the tower's config name in stage_config.image_encoder.
 
-def read_unicl_checkpoint(path, flag):
-    """A train.py UniCL checkpoint file -> its dict; a missing file or another stage's checkpoint is named with the
-    flag that gave the path."""
+def read_checkpoint(path, flag, stages=None):
+    """A train.py checkpoint file -> its dict. A missing or unreadable file, or a checkpoint of a stage not in
+    `stages` (a name or a tuple of names; None = any), is named with the flag that gave the path."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag} {path!r}: no such file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or holding more than tensors and containers
+        raise ValueError(f"{flag} {path!r}: cannot read it as a checkpoint ({type(e).__name__})") from None
     stage = ckpt.get("train_config", {}).get("stage") if isinstance(ckpt, dict) else None
-    if stage != "unicl":
-        raise ValueError(f"{flag} {path!r} is not a train.py checkpoint of the unicl stage (stage: {stage!r})")
+    stages = (stages,) if isinstance(stages, str) else stages
+    if stages is not None and stage not in stages:
+        raise ValueError(f"{flag} {path!r} is not a train.py checkpoint of the {' or '.join(stages)} stage "
+                         f"(stage: {stage!r})")
     return ckpt
 
 
 def load_unicl_tower(backbone: CoSwin, path, name, flag="--init_from"):
     """Copy a UniCL checkpoint's CoSwin (model.visual.*) into `backbone`, built from coswin.CONFIGS[name]. Every weight
     of the backbone must be there; a backbone cut to its first stages (meter's toy) leaves the later ones unused."""
-    ckpt = read_unicl_checkpoint(path, flag)
+    ckpt = read_checkpoint(path, flag, "unicl")
     encoder = ckpt["stage_config"].get("image_encoder")
     if encoder != name:
         raise ValueError(f"{flag} {path!r} holds a CoSwin {encoder!r}, the model's image tower is {name!r}")

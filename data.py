@@ -3,7 +3,7 @@ Samples for every stage: the Shapes world, readers for real image-text data, ima
 
 Florence learns from web image-text pairs (FLD-900M) and Florence-2 from the FLD-5B annotations of its data
 engine; neither is something a laptop can download. So by default every stage learns from a procedural world
-rendered here (DESIGN section 4): a few coloured shapes on a textured background, deterministic from
+rendered here (section 1 below): a few coloured shapes on a textured background, deterministic from
 (seed, split, index), carrying every annotation the papers' tasks need (captions at three levels of detail,
 boxes, polygons, referring expressions, question-answer pairs, OCR words with quads, moving shapes for video).
 Six colour-shape compositions never appear in the training split, so zero-shot generalisation is measured on
@@ -17,6 +17,7 @@ It imports no project file.
   3. image transforms            ImageTransform, resize, center_crop, random_resized_crop, hflip, to_tensor
   4. tokenizers on tiktoken      Tokenizer, get_tokenizer
   5. released weights            read_safetensors, read_weights_folder (transformers model folders)
+  6. boxes and COCO files         box_iou, coco_instances (shared by the detector, Florence-2 and the demo)
 
 `python data.py --out shapes.png` draws a grid of samples with their annotations; `--bench` times rendering.
 """
@@ -246,7 +247,7 @@ def _questions(rng: random.Random, objects: list[dict], allowed: list[tuple[str,
 
 
 class ShapesWorld:
-    """Map-style dataset of single images of 1-3 shapes with every annotation the stages use (DESIGN section 4).
+    """Map-style dataset of single images of 1-3 shapes with every annotation the stages use.
     `ds[i]` is rendered on the fly, deterministically from (seed, split, i); coordinates are pixels of the returned
     image, x right and y down."""
 
@@ -910,6 +911,41 @@ def read_weights_folder(folder):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# 6. Boxes and COCO instances files: the detector (dyhead.py), Florence-2's metrics and labeller (florence2.py) and
+# the demo below all score and write boxes the same way.
+
+def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """IoU of every pair of (x0, y0, x1, y1) boxes: (N, 4), (M, 4) -> (N, M). Same floating-point operations, in the
+    same order, as torchvision.ops.box_iou and its NMS kernel, so a threshold test gives the same answer bit for bit.
+    Two boxes of zero area give 0 / 0 = NaN, which fails every threshold test, as in torchvision."""
+    if boxes1.dim() != 2 or boxes1.shape[-1] != 4 or boxes2.dim() != 2 or boxes2.shape[-1] != 4:
+        raise ValueError(f"boxes must be (N, 4) and (M, 4), got {tuple(boxes1.shape)} and {tuple(boxes2.shape)}")
+    x1, y1, x2, y2 = boxes1.T.contiguous()[:, :, None]                                        # 4 x (N, 1)
+    X1, Y1, X2, Y2 = boxes2.T.contiguous()[:, None, :]                                        # 4 x (1, M)
+    # one coordinate at a time: contiguous (N, M) maps are several times faster than broadcasting (N, M, 2) pairs
+    inter = (torch.min(x2, X2) - torch.max(x1, X1)).clamp(min=0) * (torch.min(y2, Y2) - torch.max(y1, Y1)).clamp(min=0)
+    return inter / ((x2 - x1) * (y2 - y1) + (X2 - X1) * (Y2 - Y1) - inter)                    # (N, M)
+
+
+def coco_instances(images: list[dict], objects: list[list], categories: list[dict]) -> dict:
+    """A COCO instances dict, as pycocotools and dyhead.coco_eval read it.
+
+    images: one dict per image with at least "width" and "height" (other keys, e.g. "file_name", are kept); image
+    ids are 1, 2, ... in order. objects: per image, a list of (box (x0, y0, x1, y1), category_id) or
+    (box, category_id, extra) with extra a dict of more keys for the annotation (e.g. a "score"); annotation ids are
+    1, 2, ... in order, bbox is x, y, w, h and area the box's. categories: [{"id", ...}] as they are."""
+    out_images, annotations = [], []
+    for image_id, (image, objs) in enumerate(zip(images, objects), 1):
+        out_images.append({"id": image_id, **image})
+        for box, category_id, *extra in objs:
+            x0, y0, x1, y1 = box
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category_id,
+                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
+                                **(extra[0] if extra else {})})
+    return {"images": out_images, "annotations": annotations, "categories": list(categories)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # demo: python data.py --out shapes.png   (a grid of samples with their boxes, polygons and OCR quads drawn)
 
 if __name__ == "__main__":
@@ -969,13 +1005,11 @@ if __name__ == "__main__":
     grid.save(args.out)
     print(f"wrote {args.out}")
     if args.images and args.coco:  # the ground truth that florence2.py --images --format coco output is scored on
-        boxes = [(i, o) for i in range(args.n) for o in ds[i]["objects"]]
-        coco = {"images": [{"id": i + 1, "file_name": f"{args.split}_{i}.png", "width": args.size,
-                            "height": args.size} for i in range(args.n)],
-                "annotations": [{"id": k + 1, "image_id": i + 1, "category_id": SHAPES.index(o["category"]) + 1,
-                                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
-                                for k, (i, o) in enumerate(boxes) for x0, y0, x1, y1 in [o["box"]]],
-                "categories": [{"id": k + 1, "name": name} for k, name in enumerate(SHAPES)]}
+        coco = coco_instances([{"file_name": f"{args.split}_{i}.png", "width": args.size, "height": args.size}
+                               for i in range(args.n)],
+                              [[(o["box"], SHAPES.index(o["category"]) + 1) for o in ds[i]["objects"]]
+                               for i in range(args.n)],
+                              [{"id": k + 1, "name": name} for k, name in enumerate(SHAPES)])
         with open(os.path.join(args.images, "instances.json"), "w") as f:
             json.dump(coco, f)
         print(f"wrote {os.path.join(args.images, 'instances.json')}: {len(coco['annotations'])} boxes")

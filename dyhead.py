@@ -1217,7 +1217,7 @@ def evaluate(model, val, tokenizer, cfg: DetConfig):
 def load_unicl(path):
     """A train.py UniCL checkpoint -> (model in eval mode, tokenizer, its UniCLConfig)."""
     import unicl
-    ckpt = coswin.read_unicl_checkpoint(path, "--unicl_ckpt")
+    ckpt = coswin.read_checkpoint(path, "--unicl_ckpt", "unicl")
     cfg = unicl.UniCLConfig(**ckpt["stage_config"])
     tokenizer = unicl.build_tokenizer(cfg)
     model = unicl.build_model(cfg, tokenizer)
