@@ -228,7 +228,7 @@ class WindowAttention(nn.Module):
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).view(B, nW, heads, N, hd)
         else:
             # on CPU, SDPA with a mask that needs a gradient falls back to a slower path than Eq. 4 written out
-            # (tests/bench.py: 1.035 vs 0.99 of timm's time), so write it out
+            # (bench/bench.py: 1.035 vs 0.99 of timm's time), so write it out
             q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # 3 x (B, nW, heads, N, hd)
             attn = (q * hd ** -0.5) @ k.transpose(-2, -1) + attn_mask  # (B, nW, heads, N, N)
             x = attn.softmax(dim=-1) @ v  # (B, nW, heads, N, hd)

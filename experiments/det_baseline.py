@@ -1,8 +1,8 @@
 """A standard detector on the same data at the same budget, beside `python train.py --stage det`. A comparison, not a
 test; torchvision is test-only.
 
-    python tests/det_baseline.py                       # FCOS, 18 minutes of training, AP every 3 minutes
-    python tests/det_baseline.py --minutes 5 --eval_every 1
+    python experiments/det_baseline.py                       # FCOS, 18 minutes of training, AP every 3 minutes
+    python experiments/det_baseline.py --minutes 5 --eval_every 1
 
 torchvision's FCOS (Tian et al. 2019: anchor-free, one location per object centre, focal + GIoU + centerness, the
 losses ATSS also uses) on a small BatchNorm CNN with torchvision's FPN, trained on the same Shapes-world images as the

@@ -1,11 +1,11 @@
 """Which part of "is the red circle left of the blue star?" does a model trained from scratch fail to learn? A probe,
 not a test (docs/vqa-toy.md, "The cause: words do not fetch positions").
 
-    python tests/probe_vqa_synthetic.py                          # meter's text encoder + fusion: chance
-    python tests/probe_vqa_synthetic.py --arch single --preln    # a single-stream pre-LN transformer: chance too
-    python tests/probe_vqa_synthetic.py --arch single --preln --mix 1 --axis x --coords 1    # coordinates given
-    python tests/probe_vqa_synthetic.py --arch single --preln --mix 1 --axis x --text_coords 3   # ... in the words
-    python tests/probe_vqa_synthetic.py --ground 1               # meter + its grounding aid (meter.GroundingAid)
+    python experiments/probe_vqa_synthetic.py                          # meter's text encoder + fusion: chance
+    python experiments/probe_vqa_synthetic.py --arch single --preln    # a single-stream pre-LN transformer: chance too
+    python experiments/probe_vqa_synthetic.py --arch single --preln --mix 1 --axis x --coords 1    # coordinates given
+    python experiments/probe_vqa_synthetic.py --arch single --preln --mix 1 --axis x --text_coords 3   # ... in the words
+    python experiments/probe_vqa_synthetic.py --ground 1               # meter + its grounding aid (meter.GroundingAid)
 
 A synthetic world with nothing to see: each image is a 4 x 4 map of oracle tokens (one-hot colour and shape at the cell
 of each of 2-3 objects, zeros elsewhere; 96 channels, as the oracle of probe_vqa_position.py), the questions are the

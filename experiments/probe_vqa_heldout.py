@@ -1,10 +1,10 @@
 """Where do the toy METER's answers on images with a held-out colour-shape pair go wrong? Probes, not tests
 (docs/vqa-toy.md, "Where the held-out answers go wrong").
 
-    python tests/probe_vqa_heldout.py answers out_vqa/ckpt.pt       # right answers per type, by whether the question
+    python experiments/probe_vqa_heldout.py answers out_vqa/ckpt.pt       # right answers per type, by whether the question
                                                                    # names the held-out object (its colour or shape)
-    python tests/probe_vqa_heldout.py tower out_u/ckpt.pt out_vqa/ckpt.pt   # linear probe of each tower's shapes
-    python tests/probe_vqa_heldout.py frozen --init_from=out_u/ckpt.pt --eval_interval=1000 --out_dir=out_frz
+    python experiments/probe_vqa_heldout.py tower out_u/ckpt.pt out_vqa/ckpt.pt   # linear probe of each tower's shapes
+    python experiments/probe_vqa_heldout.py frozen --init_from=out_u/ckpt.pt --eval_interval=1000 --out_dir=out_frz
                                                                    # train.py --stage vqa, every tower stage frozen
 
 `tower` fits a logistic regression (Adam, 500 full-batch steps) on a tower's mean-pooled last map of 3000 single-object

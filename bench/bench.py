@@ -1,9 +1,9 @@
 """Side-by-side CPU speed of our models against the reference libraries, with the same weights, in one run.
 
-    python tests/bench.py            # every benchmark
-    python tests/bench.py coswin     # one (names: the bench_* functions below, without the prefix: coswin,
+    python bench/bench.py            # every benchmark
+    python bench/bench.py coswin     # one (names: the bench_* functions below, without the prefix: coswin,
                                      # florence2, florence2_label, florence2_train, dyhead, meter, video)
-    BENCH_DEVICE=cuda python tests/bench.py florence2_label florence2_train   # on a GPU (tests/gpu_check.sh)
+    BENCH_DEVICE=cuda python bench/bench.py florence2_label florence2_train   # on a GPU (bench/gpu_check.sh)
 
 Each benchmark alternates ours and the reference call by call (so load from other processes hits both alike), after
 warm-up, and reports medians, the ratio ours / reference (goal <= 1.0) and the median and range of the rounds'

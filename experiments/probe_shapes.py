@@ -1,16 +1,16 @@
 """How many samples does an image tower need to tell the six Shapes-world shapes apart? A diagnostic, not a test.
 
-    python tests/probe_shapes.py --arch coswin --steps 400          # the toy CoSwin of `python train.py` (conv stem)
-    python tests/probe_shapes.py --config toy_cvt                   # the toy size with CoSwin's own conv embedding
-    python tests/probe_shapes.py --config toy_cvt --norm batch      # ... with BatchNorm in place of its LayerNorms
-    python tests/probe_shapes.py --config toy_cvt --init torch      # ... with PyTorch's default init
-    python tests/probe_shapes.py --config toy_cvt --cfg "embed='patch'"  # ... as plain Swin (patch embedding)
-    python tests/probe_shapes.py --arch timm_swin                   # timm's Swin at toy_cvt's size (test-only)
-    python tests/probe_shapes.py --arch cnn --steps 300             # a plain 8-conv BatchNorm CNN
-    python tests/probe_shapes.py --arch cnn --unicl --eval_interval=500   # `python train.py` with that CNN as the
+    python experiments/probe_shapes.py --arch coswin --steps 400          # the toy CoSwin of `python train.py` (conv stem)
+    python experiments/probe_shapes.py --config toy_cvt                   # the toy size with CoSwin's own conv embedding
+    python experiments/probe_shapes.py --config toy_cvt --norm batch      # ... with BatchNorm in place of its LayerNorms
+    python experiments/probe_shapes.py --config toy_cvt --init torch      # ... with PyTorch's default init
+    python experiments/probe_shapes.py --config toy_cvt --cfg "embed='patch'"  # ... as plain Swin (patch embedding)
+    python experiments/probe_shapes.py --arch timm_swin                   # timm's Swin at toy_cvt's size (test-only)
+    python experiments/probe_shapes.py --arch cnn --steps 300             # a plain 8-conv BatchNorm CNN
+    python experiments/probe_shapes.py --arch cnn --unicl --eval_interval=500   # `python train.py` with that CNN as the
                                                                           # image tower (any train.py flags follow)
-    python tests/probe_shapes.py --arch cnn --width 32 --florence2 '--tasks=<CAPTION>' --max_objects=1  # Florence-2
-    python tests/probe_shapes.py --read out/ckpt.pt   # colour and shape left in a Florence-2 run's image features,
+    python experiments/probe_shapes.py --arch cnn --width 32 --florence2 '--tasks=<CAPTION>' --max_objects=1  # Florence-2
+    python experiments/probe_shapes.py --read out/ckpt.pt   # colour and shape left in a Florence-2 run's image features,
                                                       # on seen and on held-out colour-shape pairs
 
 Supervised 36-way colour x shape cross-entropy on the same single-object 48 px images as the toy UniCL run (20k
@@ -181,7 +181,7 @@ def read_florence2(path, n_fit=600, n_test=300):
 
 
 def main():
-    if sys.argv[1:2] == ["--read"]:  # python tests/probe_shapes.py --read out/ckpt.pt
+    if sys.argv[1:2] == ["--read"]:  # python experiments/probe_shapes.py --read out/ckpt.pt
         return read_florence2(sys.argv[2])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", choices=("coswin", "cnn", "timm_swin"), default="coswin")

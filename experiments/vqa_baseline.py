@@ -1,8 +1,8 @@
 """A standard VQA model on the same data at the same budget, beside `python train.py --stage vqa`. A comparison, not a
 test.
 
-    OMP_NUM_THREADS=1 python tests/vqa_baseline.py            # 15 one-thread minutes, accuracy every 3 minutes
-    python tests/vqa_baseline.py --minutes 5 --eval_every 1
+    OMP_NUM_THREADS=1 python experiments/vqa_baseline.py            # 15 one-thread minutes, accuracy every 3 minutes
+    python experiments/vqa_baseline.py --minutes 5 --eval_every 1
 
 A small BatchNorm CNN (64 px -> an 8 x 8 map of 128 channels, each cell a token with a learned position), a 2-layer
 bidirectional transformer over the question's tokens (meter.encode_texts: the toy's word tokens, learned positions),
@@ -12,7 +12,7 @@ training images in the same order (train.py's global_batch_indices), the same qu
 train.py's per-sample generators), the same loss (meter.compute_loss: binary cross entropy against the soft scores,
 summed over answers), the same batch, lr, warmup and cosine (meter.TRAIN["toy"], train.lr_at), and the same scoring
 (meter.evaluate on the same val questions). No augmentation: a flip would change the answers of position questions.
-The loop is tests/budget.py's: a wall-clock budget or --max_steps (evaluation time not counted), accuracy against
+The loop is experiments/budget.py's: a wall-clock budget or --max_steps (evaluation time not counted), accuracy against
 minutes and samples.
 """
 import argparse

@@ -1,15 +1,15 @@
 """A small 3D CNN on the same clips at the same budget, beside `python train.py --stage video`. A comparison, not a
 test.
 
-    OMP_NUM_THREADS=1 python tests/video_baseline.py            # 15 one-thread minutes, top-1 every 3 minutes
-    python tests/video_baseline.py --minutes 8 --eval_every 2 --threads 2
+    OMP_NUM_THREADS=1 python experiments/video_baseline.py            # 15 one-thread minutes, top-1 every 3 minutes
+    python experiments/video_baseline.py --minutes 8 --eval_every 2 --threads 2
 
 Four blocks of two 3x3x3 conv-BN-ReLU (16, 32, 64, 128 channels; each block after the first halves T, H and W), global
 average pooling, a linear layer: C3D's plan (Tran et al. 2015) at toy size. Everything the toy Video CoSwin sees is
 reused from video.py and train.py: the same training clips in the same order (train.py's global_batch_indices), the
 same per-clip sampling and augmentation (video.collate with train.py's per-sample generators), the same loss
 (video.compute_loss), the same batch, lr, warmup and cosine (video.TRAIN["toy"], train.lr_at) and the same scoring
-(video.evaluate on the same val clips: top-1 and per class). The loop is tests/budget.py's: a wall-clock budget or
+(video.evaluate on the same val clips: top-1 and per class). The loop is experiments/budget.py's: a wall-clock budget or
 --max_steps (evaluation time not counted), top-1 against minutes and samples.
 """
 import argparse

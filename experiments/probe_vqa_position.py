@@ -1,20 +1,20 @@
 """Why does the toy METER answer position questions ("is the red circle left of the blue star?") at chance? Probes, not
 tests (docs/vqa-toy.md, "Why position stayed at chance").
 
-    python tests/probe_vqa_position.py oracle                  # text encoder + fusion on oracle image tokens
-    python tests/probe_vqa_position.py oracle --absolute       # ... answer: is the subject in the left / top half?
-    python tests/probe_vqa_position.py oracle --symmetric      # ... is the pair's mean centre? (order-free)
-    python tests/probe_vqa_position.py oracle --types all      # ... trained on every question type, scored on position
-    python tests/probe_vqa_position.py oracle --preln --lr 3e-4 --image_pos_std 0.5 --text_pos_std 0.5 --layers 3
-    python tests/probe_vqa_position.py oracle --text_mlm 2000  # ... text encoder first MLM-trained on the world's texts
-    python tests/probe_vqa_position.py oracle --types all --image_pos_std 0.5 --roles   # ... word order given away
-    python tests/probe_vqa_position.py oracle --types all --image_pos_std 0.5 --add_where  # ... + "is A on the left?"
-    python tests/probe_vqa_position.py oracle --types all --image_pos_std 0.5 --ground 1   # ... + words name cells
-    python tests/probe_vqa_position.py full --init_from=out_u/ckpt.pt --max_iters=1500 --eval_interval=500 \\
+    python experiments/probe_vqa_position.py oracle                  # text encoder + fusion on oracle image tokens
+    python experiments/probe_vqa_position.py oracle --absolute       # ... answer: is the subject in the left / top half?
+    python experiments/probe_vqa_position.py oracle --symmetric      # ... is the pair's mean centre? (order-free)
+    python experiments/probe_vqa_position.py oracle --types all      # ... trained on every question type, scored on position
+    python experiments/probe_vqa_position.py oracle --preln --lr 3e-4 --image_pos_std 0.5 --text_pos_std 0.5 --layers 3
+    python experiments/probe_vqa_position.py oracle --text_mlm 2000  # ... text encoder first MLM-trained on the world's texts
+    python experiments/probe_vqa_position.py oracle --types all --image_pos_std 0.5 --roles   # ... word order given away
+    python experiments/probe_vqa_position.py oracle --types all --image_pos_std 0.5 --add_where  # ... + "is A on the left?"
+    python experiments/probe_vqa_position.py oracle --types all --image_pos_std 0.5 --ground 1   # ... + words name cells
+    python experiments/probe_vqa_position.py full --init_from=out_u/ckpt.pt --max_iters=1500 --eval_interval=500 \\
         --val_size=500 --out_dir=out_pos                       # the real toy, position questions first
-    python tests/probe_vqa_position.py full --image_pos sincos|0.7 --layers 3 --stages 1 ...   # ... with changes
-    python tests/probe_vqa_position.py full --mix --image_pos sincos ...   # the recipe's question mix, with changes
-    python tests/probe_vqa_position.py order out_pos/ckpt.pt   # does a checkpoint read the question's word order?
+    python experiments/probe_vqa_position.py full --image_pos sincos|0.7 --layers 3 --stages 1 ...   # ... with changes
+    python experiments/probe_vqa_position.py full --mix --image_pos sincos ...   # the recipe's question mix, with changes
+    python experiments/probe_vqa_position.py order out_pos/ckpt.pt   # does a checkpoint read the question's word order?
 
 `oracle` replaces CoSwin's map by the answer a perfect tower would give: a 4 x 4 map (--grid) of 96 channels, one-hot
 colour, shape and size at the cell of each object's centre, zeros elsewhere; the toy's text encoder, learned image
