@@ -34,8 +34,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DataError
 
-STAGES = {"unicl": "unicl", "florence2": "florence2", "det": "dyhead", "vqa": "meter",
-          "vqa_pretrain": "meter", "video": "video"}  # stage name -> its file
+# stage name -> (its file, the stage config fields that select it): one file may serve several stages, as METER's
+# does VQA fine-tuning and its ITM + MLM pretraining
+STAGES = {"unicl": ("unicl", {}), "florence2": ("florence2", {}), "det": ("dyhead", {}),
+          "vqa": ("meter", {"task": "vqa"}), "vqa_pretrain": ("meter", {"task": "pretrain"}), "video": ("video", {})}
 
 
 @dataclass
@@ -110,7 +112,7 @@ def convert(key, value, default):
 def load_stage(name):
     if name not in STAGES:
         raise SystemExit(f"error: unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
-    return importlib.import_module(STAGES[name])
+    return importlib.import_module(STAGES[name][0])
 
 
 def build_configs(flags, base_train=None, base_stage=None):
@@ -128,8 +130,7 @@ def build_configs(flags, base_train=None, base_stage=None):
         tcfg = dataclasses.replace(tcfg, **stage.TRAIN.get(tcfg.config, {}))
     else:
         scfg = base_stage
-    if hasattr(stage, "STAGE_TASKS"):  # one file, several stages (meter: vqa and vqa_pretrain)
-        scfg = dataclasses.replace(scfg, task=stage.STAGE_TASKS[tcfg.stage])
+    scfg = dataclasses.replace(scfg, **STAGES[tcfg.stage][1])
     t_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     s_fields = {f.name: f for f in dataclasses.fields(scfg)}
     for key, value in flags.items():
@@ -202,6 +203,18 @@ def make_optimizer(model, cfg: TrainConfig, device_type):
     order = sorted(groups, key=lambda k: (k[0] == 0.0, k[1]))  # decayed first, as checkpoints hold them
     return torch.optim.AdamW([{"params": groups[k], "weight_decay": k[0], "lr_mult": k[1]} for k in order],
                              lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+
+
+def evaluate(stage, model, val, vocab, scfg):
+    """The stage's metrics on `val`, in eval mode (dropout off, BatchNorm on its running statistics) and without
+    gradients; the model goes back to the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return stage.evaluate(model, val, vocab, scfg)
+    finally:
+        model.train(was_training)
 
 
 # -----------------------------------------------------------------------------
@@ -328,8 +341,8 @@ def main(argv):
     random.seed(tcfg.seed)
     torch.manual_seed(tcfg.seed)
     try:  # a bad config value (unknown model or task, missing tokenizer folder) is named, not a traceback
-        tokenizer = stage.build_tokenizer(scfg)
-        model = stage.build_model(scfg, tokenizer).to(device)
+        vocab = stage.build_vocab(scfg)
+        model = stage.build_model(scfg, vocab).to(device)
         train_ds, val_ds = stage.build_datasets(scfg, tcfg.seed, tcfg.skip_bad_samples)
     except DataError:
         raise  # a bad annotation file: reported below with the --skip_bad_samples hint
@@ -352,7 +365,7 @@ def main(argv):
         share = mine[m * micro: (m + 1) * micro]
         samples = [source.get(positions[p]) for p in share]
         rngs = [random.Random(f"{tcfg.seed}/{step}/{p}") for p in share]
-        batch = stage.collate(samples, tokenizer, scfg, rngs, step / tcfg.max_iters)  # progress: 0 -> 1
+        batch = stage.collate(samples, vocab, scfg, rngs, step / tcfg.max_iters)  # progress: 0 -> 1
         return {k: v.to(device) for k, v in batch.items()}
 
     peak = peak_tflops(tcfg, device_type, dtype)
@@ -378,7 +391,7 @@ def main(argv):
                 f.write(json.dumps(record) + "\n")
 
     def run_eval():
-        metrics = stage.evaluate(model, val_ds, tokenizer, scfg) if master and val_ds is not None else {}
+        metrics = evaluate(stage, model, val_ds, vocab, scfg) if master and val_ds is not None else {}
         if ddp:
             dist.barrier()
         return metrics

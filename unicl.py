@@ -290,7 +290,8 @@ def retrieval_recall(image_features, text_features, image_labels, text_labels, k
 # -----------------------------------------------------------------------------
 # The stage protocol that train.py drives.
 
-def build_tokenizer(cfg: UniCLConfig):
+def build_vocab(cfg: UniCLConfig):
+    """The stage's vocabulary: for UniCL, the text tower's tokenizer."""
     return data.get_tokenizer(cfg.tokenizer)
 
 
@@ -335,13 +336,10 @@ def compute_loss(model, batch):
     return loss, {"logit_scale": scale.item()}
 
 
-@torch.no_grad()
 def evaluate(model, val, tokenizer, cfg: UniCLConfig):
     """Shapes world: zero-shot top-1 over all colour-shape classes on single-object val images,
     split into compositions seen in training captions and held-out ones. Any data: retrieval
-    recall@1/5/10 both ways on the val captions."""
-    was_training = model.training
-    model.eval()
+    recall@1/5/10 both ways on the val captions. train.evaluate calls it in eval mode, without gradients."""
     samples = [val[i] for i in range(len(val))]
     samples = [s for s in samples if s is not None]
     feats = encode_images(model, [s["image"] for s in samples], _transform(cfg, train=False))
@@ -364,5 +362,4 @@ def evaluate(model, val, tokenizer, cfg: UniCLConfig):
                         for i in range(0, len(captions), 256)])
     labels = torch.tensor([text_label(c) for c in captions])
     metrics.update(retrieval_recall(feats.cpu(), tfeats.cpu(), labels, labels))
-    model.train(was_training)
     return metrics

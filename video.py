@@ -481,8 +481,8 @@ TRAIN = {
 }
 
 
-def build_tokenizer(cfg: VideoConfig):
-    """The class names (clips need no text): the Shapes world's motions, or the training CSV's sorted labels."""
+def build_vocab(cfg: VideoConfig):
+    """The stage's vocabulary: the class names (clips need no text): the Shapes world's motions, or the training CSV's sorted labels."""
     if cfg.data == "shapes":
         return list(data.MOTIONS)
     if not cfg.data:
@@ -533,11 +533,9 @@ def compute_loss(model, batch):
     return loss, {"ce": loss.item()}
 
 
-@torch.no_grad()
 def evaluate(model, val, classes, cfg: VideoConfig):
-    """Top-1 over the val clips (centre-sampled, centre-cropped), and per class."""
-    was_training = model.training
-    model.eval()
+    """Top-1 over the val clips (centre-sampled, centre-cropped), and per class. train.evaluate calls it in eval mode,
+    without gradients."""
     device = next(model.parameters()).device
     right, total = collections.Counter(), collections.Counter()
     samples = [s for s in (val[i] for i in range(len(val))) if s is not None]
@@ -547,7 +545,6 @@ def evaluate(model, val, classes, cfg: VideoConfig):
         for label, prediction in zip(batch["labels"].tolist(), predictions.tolist()):
             total[label] += 1
             right[label] += label == prediction
-    model.train(was_training)
     metrics = {"top1": sum(right.values()) / max(1, sum(total.values()))}
     metrics.update({f"top1_{classes[k].replace(' ', '_')}": right[k] / total[k] for k in sorted(total)})
     return metrics
