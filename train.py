@@ -1,14 +1,23 @@
 """
-One training loop for every stage (DESIGN.md section 5).
+One training loop for every stage.
 
     python train.py                                    # toy UniCL on the Shapes world, CPU, minutes
     python train.py --stage unicl --config toy --max_iters=200 --lr=1e-3
     torchrun --nproc_per_node=8 train.py --stage unicl --config florence --data=shards/{0000..0999}.tar
 
-A stage is a module that exposes CONFIGS (named dataclass configs), TRAIN (optimisation
-settings per named config), build_tokenizer, build_model, build_datasets, collate, compute_loss
-and evaluate. This file owns everything else: flags, DDP, the data order, bf16 autocast,
-gradient accumulation, AdamW with warmup + cosine, clipping, checkpoints, logging.
+A stage is a module (STAGES below) that exposes the stage protocol (docs/design.md):
+
+    CONFIGS, TRAIN                                   named stage configs, and optimisation settings per name
+    build_vocab(cfg) -> vocab                        the text / label side: a tokenizer, a vocabulary, class names
+    build_model(cfg, vocab) -> nn.Module
+    build_datasets(cfg, seed, skip_bad) -> (train, val or None)     raw samples (data.py)
+    collate(samples, vocab, cfg, rngs, progress) -> dict of tensors
+    compute_loss(model, batch) -> (loss, logs)
+    evaluate(model, val, vocab, cfg) -> metrics      called in eval mode without gradients (evaluate() below)
+
+This file owns everything else: flags, DDP, the data order, bf16 autocast, gradient accumulation, AdamW with
+warmup + cosine, clipping, checkpoints, logging. A run is four steps, each a function near the end of the file:
+read_configs, start_processes, build_run, train_loop.
 
 The data order and every per-sample random choice are a function of (seed, step, sample index)
 only, and all randomness is restored from checkpoints, so a run gives the same numbers on one
@@ -299,188 +308,7 @@ class SampleSource:
 
 
 # -----------------------------------------------------------------------------
-
-def main(argv):
-    flags = parse_flags(argv)
-    # a checkpoint to resume or evaluate brings its own stage and configs, which the flags then override: read
-    # it before checking the flags, so `--resume --out_dir=out --tasks=...` finds the florence2 keys
-    first = {k: convert(k, flags[k], getattr(TrainConfig, k)) for k in ("out_dir", "resume", "eval_only") if k in flags}
-    ckpt, ckpt_path = None, os.path.join(first.get("out_dir", TrainConfig.out_dir), "ckpt.pt")
-    if first.get("resume") or (first.get("eval_only") and os.path.exists(ckpt_path)):
-        ckpt = load_checkpoint(ckpt_path)
-        base = TrainConfig(**ckpt["train_config"])
-        if flags.get("stage", base.stage) != base.stage:
-            raise SystemExit(f"error: {ckpt_path} is a checkpoint of stage {base.stage}, not {flags['stage']}")
-        stage_cfg_cls = type(load_stage(base.stage).CONFIGS[base.config])
-        tcfg, stage, scfg = build_configs(flags, base, stage_cfg_cls(**ckpt["stage_config"]))
-    else:
-        tcfg, stage, scfg = build_configs(flags)
-
-    # distributed set-up: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = tcfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if ddp:
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    master = rank == 0
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    dtype = tcfg.dtype or ("bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
-    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
-
-    micro = tcfg.micro_batch_size or tcfg.batch_size // world
-    if tcfg.batch_size % (micro * world):
-        raise SystemExit(f"error: batch_size {tcfg.batch_size} is not a multiple of "
-                         f"micro_batch_size {micro} x world_size {world}")
-    accum = tcfg.batch_size // (micro * world)
-
-    # every rank builds the same initial model from the same seed
-    random.seed(tcfg.seed)
-    torch.manual_seed(tcfg.seed)
-    try:  # a bad config value (unknown model or task, missing tokenizer folder) is named, not a traceback
-        vocab = stage.build_vocab(scfg)
-        model = stage.build_model(scfg, vocab).to(device)
-        train_ds, val_ds = stage.build_datasets(scfg, tcfg.seed, tcfg.skip_bad_samples)
-    except DataError:
-        raise  # a bad annotation file: reported below with the --skip_bad_samples hint
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}")
-    optimizer = make_optimizer(model, tcfg, device_type)
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        restore_rng(ckpt["rng"])
-    source = SampleSource(train_ds, tcfg.skip_bad_samples, tcfg.cache_samples)
-    mine = range(rank * micro * accum, (rank + 1) * micro * accum)  # this rank's share of the global batch
-
-    def batch_positions(step):
-        return global_batch_indices(step, tcfg.batch_size, len(train_ds), tcfg.seed)
-
-    def micro_batch(positions, step, m):
-        share = mine[m * micro: (m + 1) * micro]
-        samples = [source.get(positions[p]) for p in share]
-        rngs = [random.Random(f"{tcfg.seed}/{step}/{p}") for p in share]
-        batch = stage.collate(samples, vocab, scfg, rngs, step / tcfg.max_iters)  # progress: 0 -> 1
-        return {k: v.to(device) for k, v in batch.items()}
-
-    peak = peak_tflops(tcfg, device_type, dtype)
-    if tcfg.eval_only:
-        peak = 0.0  # nothing is trained: no MFU
-    if peak:
-        with autocast:
-            sample_flops = flops_per_sample(stage, model, micro_batch(batch_positions(step), step, 0), micro, device)
-    if tcfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    if master:
-        os.makedirs(tcfg.out_dir, exist_ok=True)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"stage {tcfg.stage} | config {tcfg.config} | {n_params / 1e6:.2f}M parameters | device {device} "
-              f"x{world} | {dtype} | global batch {tcfg.batch_size} = {world} ranks x {accum} accum x {micro}")
-        if peak:
-            print(f"MFU: {sample_flops / 1e9:.3f} GFLOPs a sample (forward + backward) against {peak:g} TFLOPs a "
-                  f"device")
-
-    def log(record):
-        if master:
-            with open(os.path.join(tcfg.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def run_eval():
-        metrics = evaluate(stage, model, val_ds, vocab, scfg) if master and val_ds is not None else {}
-        if ddp:
-            dist.barrier()
-        return metrics
-
-    if tcfg.eval_only:
-        with autocast:  # --dtype=bfloat16 evaluates in bf16, as it would train
-            metrics = run_eval()
-        log({"step": step, "eval": metrics})
-        finish(metrics, master, ddp)
-        return metrics
-
-    train_model = model
-    if tcfg.compile:
-        # torch 2.11's inductor (H100) failed an internal assertion in its coalescing analysis on the toy UniCL
-        # graphs, whose text length varies per batch (dynamic shapes); without that analysis it compiles and trains
-        from torch._inductor import config as inductor_config
-        inductor_config.triton.coalesce_tiling_analysis = False
-        train_model = torch.compile(model)
-    if ddp:
-        # static_graph: the set of parameters a stage uses is the same every step, but need not be all of
-        # them (UniCL's image tower leaves CoSwin's pyramid norms unused), so DDP can skip those cheaply
-        train_model = DDP(train_model, device_ids=[device] if device_type == "cuda" else None, static_graph=True)
-
-    t_start, step_start = time.time(), step
-    with interrupt_requests() as interrupted:  # SIGINT / SIGTERM: finish the step, checkpoint, exit
-        while step < tcfg.max_iters:
-            lr = lr_at(step, tcfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_mult", 1.0)
-            positions, loss_sum, logs = batch_positions(step), torch.zeros((), device=device), {}
-            for m in range(accum):
-                batch = micro_batch(positions, step, m)
-                sync = nullcontext() if not ddp or m == accum - 1 else train_model.no_sync()
-                with sync, autocast:
-                    loss, logs = stage.compute_loss(train_model, batch)
-                    (loss / accum).backward()
-                loss_sum += loss.detach() / accum
-            if ddp:
-                dist.all_reduce(loss_sum)
-                loss_sum /= world
-            loss_value = loss_sum.item()
-            if not math.isfinite(loss_value):
-                where = (f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path)
-                         else "no checkpoint was written yet")
-                raise SystemExit(f"error: non-finite loss ({loss_value}) at step {step + 1}; stopping, {where}")
-            # the total gradient norm, clipped to grad_clip if set; logged, since Adam hides a uniform gradient scale
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf")).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            if step % tcfg.log_interval == 0 or step == tcfg.max_iters:
-                elapsed = time.time() - t_start
-                rate = (step - step_start) * tcfg.batch_size / elapsed
-                eta = (tcfg.max_iters - step) * tcfg.batch_size / rate
-                # MFU: the model FLOPs done per second (every rank's samples) over the peak of all the ranks' devices
-                mfu = {"mfu": sample_flops * rate / (peak * 1e12 * world)} if peak else {}
-                log({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "samples_per_s": rate, **mfu,
-                     **logs})
-                if master:
-                    skipped = f" | skipped {source.skipped}" if source.skipped else ""
-                    shown = f" | MFU {mfu['mfu']:.1%}" if mfu else ""
-                    print(f"step {step}/{tcfg.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                          f"{rate:.0f} samples/s{shown} | eta {eta / 60:.1f} min{skipped}", flush=True)
-            if tcfg.eval_interval and step % tcfg.eval_interval == 0 and step < tcfg.max_iters:
-                metrics = run_eval()
-                log({"step": step, "eval": metrics})
-                if master:
-                    print("eval " + format_metrics(metrics), flush=True)
-            stop = bool(interrupted)
-            if step % tcfg.ckpt_interval == 0 or step == tcfg.max_iters or stop:
-                if master:
-                    save_checkpoint(ckpt_path, model, optimizer, step, tcfg, scfg)
-                if ddp:
-                    dist.barrier()
-            if stop:
-                if master:
-                    print(f"interrupted: checkpoint of step {step} saved to {ckpt_path}; continue with --resume",
-                          flush=True)
-                finish({}, master, ddp)
-                raise SystemExit(130)  # the shell's code for "stopped by a signal": not mistaken for a finished run
-
-        if source.skipped and master:
-            print(f"skipped {source.skipped} bad samples")
-        metrics = run_eval()
-        log({"step": step, "eval": metrics, "skipped": source.skipped})
-        finish(metrics, master, ddp)
-        return metrics
-
+# Logging and interruption.
 
 def format_metrics(metrics):
     return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
@@ -499,11 +327,277 @@ def interrupt_requests():
             signal.signal(sig, handler)
 
 
-def finish(metrics, master, ddp):
-    if master and metrics:
-        print("final " + format_metrics(metrics), flush=True)
+# -----------------------------------------------------------------------------
+# A run in four steps, each one function below: the configs (from flags, or from the checkpoint a run resumes),
+# the processes (device, DDP, dtype, the batch split), the model and data, the loop. main() calls them in order.
+
+def read_configs(flags):
+    """-> (TrainConfig, stage module, stage config, checkpoint or None). A checkpoint to resume or evaluate brings its
+    own stage and configs, which the flags then override: it is read before the flags are checked, so that
+    `--resume --out_dir=out --tasks=...` finds the florence2 keys."""
+    first = {k: convert(k, flags[k], getattr(TrainConfig, k)) for k in ("out_dir", "resume", "eval_only") if k in flags}
+    path = os.path.join(first.get("out_dir", TrainConfig.out_dir), "ckpt.pt")
+    if not (first.get("resume") or (first.get("eval_only") and os.path.exists(path))):
+        return (*build_configs(flags), None)
+    ckpt = load_checkpoint(path)
+    base = TrainConfig(**ckpt["train_config"])
+    if flags.get("stage", base.stage) != base.stage:
+        raise SystemExit(f"error: {path} is a checkpoint of stage {base.stage}, not {flags['stage']}")
+    stage_cfg_cls = type(load_stage(base.stage).CONFIGS[base.config])
+    return (*build_configs(flags, base, stage_cfg_cls(**ckpt["stage_config"])), ckpt)
+
+
+@dataclass
+class Processes:
+    """Where the run computes: this process's device and rank among `world` (torchrun sets RANK, WORLD_SIZE and
+    LOCAL_RANK), the dtype, and how the global batch splits into `world` ranks x `accum` forward passes x `micro`."""
+    device: str
+    dtype: str
+    rank: int
+    world: int
+    micro: int
+    accum: int
+
+    @property
+    def ddp(self):
+        return self.world > 1
+
+    @property
+    def master(self):  # rank 0 prints, logs and writes checkpoints
+        return self.rank == 0
+
+    @property
+    def device_type(self):
+        return "cuda" if self.device.startswith("cuda") else "cpu"
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=torch.bfloat16) if self.dtype == "bfloat16" else nullcontext()
+
+
+def start_processes(tcfg: TrainConfig) -> Processes:
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = tcfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if ddp:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    on_gpu = device.startswith("cuda")
+    dtype = tcfg.dtype or ("bfloat16" if on_gpu and torch.cuda.is_bf16_supported() else "float32")
+    micro = tcfg.micro_batch_size or tcfg.batch_size // world
+    if tcfg.batch_size % (micro * world):
+        raise SystemExit(f"error: batch_size {tcfg.batch_size} is not a multiple of "
+                         f"micro_batch_size {micro} x world_size {world}")
+    return Processes(device, dtype, rank, world, micro, tcfg.batch_size // (micro * world))
+
+
+def finish(metrics, procs: Processes):
+    if procs.master and metrics:
+        print("final " + format_metrics(metrics), flush=True)
+    if procs.ddp:
         dist.destroy_process_group()
+
+
+@dataclass
+class Run:
+    """The model and data of a run, and how a step's micro-batches are drawn from the data (see Data order above)."""
+    tcfg: TrainConfig
+    stage: object        # the stage module
+    scfg: object         # its config
+    procs: Processes
+    vocab: object        # the stage's build_vocab(): a tokenizer, a vocabulary or class names
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    source: SampleSource  # the training samples
+    val: object          # the val dataset, or None
+    step: int
+    ckpt_path: str
+
+    def positions(self, step):
+        return global_batch_indices(step, self.tcfg.batch_size, len(self.source.dataset), self.tcfg.seed)
+
+    def micro_batch(self, positions, step, m):
+        """The m-th forward pass of this rank at `step`: its share of the global batch, collated on the device."""
+        p = self.procs
+        mine = range(p.rank * p.micro * p.accum, (p.rank + 1) * p.micro * p.accum)  # this rank's share
+        share = mine[m * p.micro: (m + 1) * p.micro]
+        samples = [self.source.get(positions[i]) for i in share]
+        rngs = [random.Random(f"{self.tcfg.seed}/{step}/{i}") for i in share]
+        batch = self.stage.collate(samples, self.vocab, self.scfg, rngs, step / self.tcfg.max_iters)  # progress 0->1
+        return {k: v.to(p.device) for k, v in batch.items()}
+
+    def log(self, record):
+        if self.procs.master:
+            with open(os.path.join(self.tcfg.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate(self):
+        """Rank 0 evaluates; the others wait for it."""
+        metrics = (evaluate(self.stage, self.model, self.val, self.vocab, self.scfg)
+                   if self.procs.master and self.val is not None else {})
+        if self.procs.ddp:
+            dist.barrier()
+        return metrics
+
+
+def build_run(stage, tcfg: TrainConfig, scfg, procs: Processes, ckpt) -> Run:
+    """Every rank builds the same initial model from the same seed; a checkpoint then restores the model, the
+    optimizer, the step and the random states."""
+    random.seed(tcfg.seed)
+    torch.manual_seed(tcfg.seed)
+    try:  # a bad config value (unknown model or task, missing tokenizer folder) is named, not a traceback
+        vocab = stage.build_vocab(scfg)
+        model = stage.build_model(scfg, vocab).to(procs.device)
+        train_ds, val_ds = stage.build_datasets(scfg, tcfg.seed, tcfg.skip_bad_samples)
+    except DataError:
+        raise  # a bad annotation file: reported by __main__ with the --skip_bad_samples hint
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+    optimizer = make_optimizer(model, tcfg, procs.device_type)
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        restore_rng(ckpt["rng"])
+    source = SampleSource(train_ds, tcfg.skip_bad_samples, tcfg.cache_samples)
+    return Run(tcfg, stage, scfg, procs, vocab, model, optimizer, source, val_ds, step,
+               os.path.join(tcfg.out_dir, "ckpt.pt"))
+
+
+def announce(run: Run):
+    """The run's first lines: what is trained where, and the FLOPs a sample for MFU (-> sample FLOPs, peak)."""
+    tcfg, procs = run.tcfg, run.procs
+    peak = 0.0 if tcfg.eval_only else peak_tflops(tcfg, procs.device_type, procs.dtype)  # nothing trained: no MFU
+    sample_flops = 0.0
+    if peak:
+        with procs.autocast():
+            batch = run.micro_batch(run.positions(run.step), run.step, 0)
+            sample_flops = flops_per_sample(run.stage, run.model, batch, procs.micro, procs.device)
+    if tcfg.grad_checkpointing:
+        run.model.set_grad_checkpointing(True)
+    if procs.master:
+        os.makedirs(tcfg.out_dir, exist_ok=True)
+        n_params = sum(p.numel() for p in run.model.parameters())
+        print(f"stage {tcfg.stage} | config {tcfg.config} | {n_params / 1e6:.2f}M parameters | device {procs.device} "
+              f"x{procs.world} | {procs.dtype} | global batch {tcfg.batch_size} = {procs.world} ranks x "
+              f"{procs.accum} accum x {procs.micro}")
+        if peak:
+            print(f"MFU: {sample_flops / 1e9:.3f} GFLOPs a sample (forward + backward) against {peak:g} TFLOPs a "
+                  f"device")
+    return sample_flops, peak
+
+
+def wrap_for_training(run: Run):
+    """The module the loop calls: compiled and / or in DDP; run.model stays the plain one that checkpoints hold."""
+    model = run.model
+    if run.tcfg.compile:
+        # torch 2.11's inductor (H100) failed an internal assertion in its coalescing analysis on the toy UniCL
+        # graphs, whose text length varies per batch (dynamic shapes); without that analysis it compiles and trains
+        from torch._inductor import config as inductor_config
+        inductor_config.triton.coalesce_tiling_analysis = False
+        model = torch.compile(model)
+    if run.procs.ddp:
+        # static_graph: the set of parameters a stage uses is the same every step, but need not be all of
+        # them (UniCL's image tower leaves CoSwin's pyramid norms unused), so DDP can skip those cheaply
+        model = DDP(model, device_ids=[run.procs.device] if run.procs.device_type == "cuda" else None,
+                    static_graph=True)
+    return model
+
+
+def train_step(run: Run, train_model, step):
+    """One optimisation step at `step`: accumulated micro-batches, the loss averaged over ranks, clipping, AdamW.
+    -> (loss, lr, gradient norm, the stage's logs of the last micro-batch)."""
+    tcfg, procs = run.tcfg, run.procs
+    lr = lr_at(step, tcfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+    positions, loss_sum, logs = run.positions(step), torch.zeros((), device=procs.device), {}
+    for m in range(procs.accum):
+        batch = run.micro_batch(positions, step, m)
+        sync = nullcontext() if not procs.ddp or m == procs.accum - 1 else train_model.no_sync()
+        with sync, procs.autocast():
+            loss, logs = run.stage.compute_loss(train_model, batch)
+            (loss / procs.accum).backward()
+        loss_sum += loss.detach() / procs.accum
+    if procs.ddp:
+        dist.all_reduce(loss_sum)
+        loss_sum /= procs.world
+    loss_value = loss_sum.item()
+    if not math.isfinite(loss_value):
+        where = (f"the last good checkpoint is {run.ckpt_path}" if os.path.exists(run.ckpt_path)
+                 else "no checkpoint was written yet")
+        raise SystemExit(f"error: non-finite loss ({loss_value}) at step {step + 1}; stopping, {where}")
+    # the total gradient norm, clipped to grad_clip if set; logged, since Adam hides a uniform gradient scale
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tcfg.grad_clip or float("inf")).item()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_value, lr, grad_norm, logs
+
+
+def train_loop(run: Run, sample_flops, peak):
+    """Steps until max_iters, with progress lines, evaluations and checkpoints; then the final evaluation."""
+    tcfg, procs = run.tcfg, run.procs
+    train_model = wrap_for_training(run)
+    t_start, step_start = time.time(), run.step
+    with interrupt_requests() as interrupted:  # SIGINT / SIGTERM: finish the step, checkpoint, exit
+        while run.step < tcfg.max_iters:
+            loss, lr, grad_norm, logs = train_step(run, train_model, run.step)
+            run.step += 1
+            step = run.step
+            if step % tcfg.log_interval == 0 or step == tcfg.max_iters:
+                elapsed = time.time() - t_start
+                rate = (step - step_start) * tcfg.batch_size / elapsed
+                eta = (tcfg.max_iters - step) * tcfg.batch_size / rate
+                # MFU: the model FLOPs done per second (every rank's samples) over the peak of all the ranks' devices
+                mfu = {"mfu": sample_flops * rate / (peak * 1e12 * procs.world)} if peak else {}
+                run.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "samples_per_s": rate, **mfu,
+                         **logs})
+                if procs.master:
+                    skipped = f" | skipped {run.source.skipped}" if run.source.skipped else ""
+                    shown = f" | MFU {mfu['mfu']:.1%}" if mfu else ""
+                    print(f"step {step}/{tcfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | "
+                          f"{rate:.0f} samples/s{shown} | eta {eta / 60:.1f} min{skipped}", flush=True)
+            if tcfg.eval_interval and step % tcfg.eval_interval == 0 and step < tcfg.max_iters:
+                metrics = run.evaluate()
+                run.log({"step": step, "eval": metrics})
+                if procs.master:
+                    print("eval " + format_metrics(metrics), flush=True)
+            stop = bool(interrupted)
+            if step % tcfg.ckpt_interval == 0 or step == tcfg.max_iters or stop:
+                if procs.master:
+                    save_checkpoint(run.ckpt_path, run.model, run.optimizer, step, tcfg, run.scfg)
+                if procs.ddp:
+                    dist.barrier()
+            if stop:
+                if procs.master:
+                    print(f"interrupted: checkpoint of step {step} saved to {run.ckpt_path}; continue with --resume",
+                          flush=True)
+                finish({}, procs)
+                raise SystemExit(130)  # the shell's code for "stopped by a signal": not mistaken for a finished run
+
+        if run.source.skipped and procs.master:
+            print(f"skipped {run.source.skipped} bad samples")
+        metrics = run.evaluate()
+        run.log({"step": run.step, "eval": metrics, "skipped": run.source.skipped})
+        finish(metrics, procs)
+        return metrics
+
+
+def main(argv):
+    tcfg, stage, scfg, ckpt = read_configs(parse_flags(argv))
+    procs = start_processes(tcfg)
+    run = build_run(stage, tcfg, scfg, procs, ckpt)
+    sample_flops, peak = announce(run)
+    if tcfg.eval_only:
+        with procs.autocast():  # --dtype=bfloat16 evaluates in bf16, as it would train
+            metrics = run.evaluate()
+        run.log({"step": run.step, "eval": metrics})
+        finish(metrics, procs)
+        return metrics
+    return train_loop(run, sample_flops, peak)
 
 
 if __name__ == "__main__":

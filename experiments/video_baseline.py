@@ -61,7 +61,7 @@ def main():
     cfg = video.CONFIGS["toy"]
     tcfg = train.TrainConfig(stage="video", **{**toy, "batch_size": args.batch_size, "lr": args.lr,
                                                "max_iters": args.max_steps, "seed": args.seed})
-    classes = video.build_tokenizer(cfg)
+    classes = video.build_vocab(cfg)
     train_ds, val_ds = video.build_datasets(cfg, args.seed)  # ShapesVideo train / val, as train.py builds them
     val = [val_ds[i] for i in range(len(val_ds))]             # rendered once, scored at every evaluation
     cache = {}
@@ -74,7 +74,7 @@ def main():
         rngs = [random.Random(f"{args.seed}/{step}/{k}") for k in range(len(idx))]  # train.py's per-sample draws
         return video.compute_loss(model, video.collate(samples, classes, cfg, rngs))[0]
 
-    budget.train_on_budget(model, tcfg, len(train_ds), batch_loss, lambda: video.evaluate(model, val, classes, cfg),
+    budget.train_on_budget(model, tcfg, len(train_ds), batch_loss, lambda: train.evaluate(video, model, val, classes, cfg),
                            args.minutes, args.eval_every)
 
 

@@ -184,7 +184,7 @@ def test_toy_unicl_learns(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_run_reaches_the_issue_bar(tmp_path):
+def test_readme_run_reaches_its_bar(tmp_path):
     """`python train.py` with no arguments: zeroshot_top1 >= 0.80 (the README's bar; ~4.5 min on 2 cores)."""
     metrics = train.main([f"--out_dir={tmp_path}"])
     assert metrics["zeroshot_top1"] >= 0.80, metrics

@@ -335,7 +335,7 @@ def test_init_from_a_unicl_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_run_reaches_the_issue_bar(tmp_path):
+def test_readme_run_reaches_its_bar(tmp_path):
     """`python train.py --stage video`: top-1 >= 0.97 on the 800 val clips (docs/video-toy.md)."""
     metrics = train.main(["--stage", "video", f"--out_dir={tmp_path}"])
     assert metrics["top1"] >= 0.97, metrics
