@@ -299,7 +299,7 @@ def bench_florence2_train(config=None, batch=None, steps=None, device=None):
              "train_size": str(batch), "batch_size": str(batch)}
     tcfg, stage, scfg = train.build_configs(flags)
     torch.manual_seed(0)
-    tokenizer = stage.build_tokenizer(scfg)
+    tokenizer = stage.build_vocab(scfg)
     model = stage.build_model(scfg, tokenizer).to(device).train()
     train_ds, _ = stage.build_datasets(scfg, 0)
     rngs = [random.Random(i) for i in range(batch)]

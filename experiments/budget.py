@@ -1,7 +1,8 @@
-"""The training loop of the standard models beside the toy stages (tests/*_baseline.py): the toy's AdamW, warmup and
+"""The training loop of the standard models beside the toy stages (experiments/*_baseline.py): the toy's AdamW, warmup and
 cosine (train.make_optimizer, train.lr_at), the toy's batches in the toy's order (train.global_batch_indices), a
 wall-clock budget in which evaluation time is not counted, and an evaluation every `eval_every` minutes printed
-against minutes and samples. A comparison tool, not a test."""
+against minutes and samples (and, with `log`, appended to a metrics.jsonl as train.py writes it, for
+docs/curves.py). A comparison tool, not a test."""
 import json
 import time
 
@@ -14,10 +15,10 @@ def fmt(metrics):
     return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("truncated", "out_of_vocab"))
 
 
-def train_on_budget(model, tcfg, n, batch_loss, evaluate, minutes, eval_every, extra=None):
+def train_on_budget(model, tcfg, n, batch_loss, evaluate, minutes, eval_every, extra=None, log=None):
     """Trains `model` until `minutes` of training or tcfg.max_iters steps. batch_loss(step, indices) -> loss of the
     samples at those dataset indices; evaluate() -> metrics. Prints each evaluation and, at the end, one JSON line
-    (samples, steps, minutes, the last metrics and `extra`)."""
+    (samples, steps, minutes, the last metrics and `extra`); `log`: a path each evaluation is appended to."""
     opt = train.make_optimizer(model, tcfg, "cpu")  # AdamW, decay on matrices only, as for the toys
     budget = minutes * 60
     trained, next_eval, step, losses, metrics = 0.0, min(eval_every * 60, budget), 0, [], {}
@@ -37,6 +38,10 @@ def train_on_budget(model, tcfg, n, batch_loss, evaluate, minutes, eval_every, e
             metrics = evaluate()
             print(f"eval | {trained / 60:.2f} min | {step * tcfg.batch_size} samples | step {step} | "
                   f"loss {sum(losses) / len(losses):.4f} | {fmt(metrics)}", flush=True)
+            if log:
+                with open(log, "a") as f:
+                    f.write(json.dumps({"step": step, "samples": step * tcfg.batch_size,
+                                        "minutes": round(trained / 60, 2), "eval": metrics}) + "\n")
             losses, next_eval = [], min(next_eval + eval_every * 60, budget)
     print(json.dumps({"samples": step * tcfg.batch_size, "steps": step, "minutes": round(trained / 60, 2),
                       **{k: round(v, 4) for k, v in metrics.items()}, **(extra or {})}))

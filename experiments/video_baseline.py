@@ -55,6 +55,7 @@ def main():
     p.add_argument("--max_steps", type=int, default=toy["max_iters"], help="the cosine's length, and a stop")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (the budget is one-thread minutes)")
+    p.add_argument("--log", default="", help="append each evaluation to this metrics.jsonl (docs/curves.py)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -75,7 +76,7 @@ def main():
         return video.compute_loss(model, video.collate(samples, classes, cfg, rngs))[0]
 
     budget.train_on_budget(model, tcfg, len(train_ds), batch_loss, lambda: train.evaluate(video, model, val, classes, cfg),
-                           args.minutes, args.eval_every)
+                           args.minutes, args.eval_every, log=args.log)
 
 
 if __name__ == "__main__":
