@@ -8,7 +8,9 @@ positives. With all labels distinct it is exactly the CLIP loss.
 
 Read top to bottom: text tower -> two-tower model -> hash labels and prompt templates ->
 the UniCL loss (with the cross-GPU gather) -> zero-shot classification and retrieval ->
-the stage protocol that train.py drives (CONFIGS, build_model, collate, compute_loss, evaluate).
+the stage protocol that train.py drives (CONFIGS, TRAIN, build_vocab, build_model, build_datasets, collate,
+compute_loss, evaluate; docs/design.md). The toy's one aid is its image tower's BatchNorm conv stem, a field of
+coswin's "toy" config (coswin.py section 1b); the "florence" config has none.
 """
 import hashlib
 import math

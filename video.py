@@ -14,7 +14,8 @@ arXiv:2106.13230). Read it top to bottom:
      image model's output.
   5. Clips: the Shapes world's moving shapes, folders of frames listed in a CSV (Kinetics style), temporal sampling,
      clip-level augmentation.
-  6. The stage that `python train.py --stage video` drives.
+  6. The stage that `python train.py --stage video` drives (the stage protocol of docs/design.md).
+The toy's one aid is the BatchNorm conv stem of coswin's "toy" config (section 1); the paper configs have none.
 
 Tensors inside a stage are channels-last, (B, T, H, W, C), as coswin's are (B, H, W, C).
 """

@@ -1,7 +1,7 @@
 """Learning curves of a toy stage beside its standard model, from the runs' metrics.jsonl files, as a PNG in docs/curves/.
 
     python docs/curves.py unicl out/metrics.jsonl out_cnn/metrics.jsonl      # ours, then the standard model
-    python docs/curves.py vqa out_vqa/metrics.jsonl                          # ours alone
+    python docs/curves.py vqa out_vqa/metrics.jsonl --also 'without the aid=out_noaid/metrics.jsonl'   # + an ablation
 
 Each file holds JSON lines as train.py writes them ({"step", "eval": {metric: value}} at each evaluation) or as
 experiments/budget.py writes them (the same, with "samples"). The x axis is training samples seen (step x the toy's
@@ -45,6 +45,8 @@ def main():
     p.add_argument("stage", choices=list(STAGES))
     p.add_argument("ours", help="metrics.jsonl of the toy run")
     p.add_argument("standard", nargs="?", help="metrics.jsonl of the standard model's run")
+    p.add_argument("--also", action="append", default=[], metavar="LABEL=PATH",
+                   help="another run of ours to draw (an ablation), dotted; repeatable")
     p.add_argument("--out", default="", help="default: docs/curves/STAGE.png")
     args = p.parse_args()
     import matplotlib
@@ -57,6 +59,11 @@ def main():
     ax.plot(*curve(args.ours, key, batch), "o-", label=f"ours ({args.stage} toy)")
     if args.standard:
         ax.plot(*curve(args.standard, key, batch), "s-", label=standard_name or "standard model")
+    for also in args.also:
+        label, eq, path = also.partition("=")
+        if not eq:
+            raise SystemExit(f"error: --also {also!r}: expected LABEL=PATH")
+        ax.plot(*curve(path, key, batch), ".:", label=label)
     ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.3f})")
     ax.set_xlabel("training samples seen")
     ax.set_ylabel(name)
