@@ -81,8 +81,9 @@ def evaluate(model, val, cfg):
             boxes = o["boxes"] * torch.tensor([W / S, H / S, W / S, H / S])
             found.append((boxes, o["scores"], o["labels"] - 1))
     model.train()
-    truth = dyhead.coco_ground_truth([dyhead.sample_objects(s, cfg) for s in val], [s["image"].size for s in val],
-                                     len(data.SHAPES))
+    truth = data.coco_instances([{"width": s["image"].width, "height": s["image"].height} for s in val],
+                                [[(box, label + 1) for box, label in dyhead.sample_objects(s, cfg)] for s in val],
+                                [{"id": k + 1} for k in range(len(data.SHAPES))])
     stats = dyhead.coco_eval(truth, dyhead.to_coco_results(found, range(1, len(val) + 1)))
     return {k: stats[k] for k in ("AP", "AP50", "AP75", "AR100")}
 

@@ -30,7 +30,7 @@ import dyhead
 import test_train  # one_and_two_processes: train.py in 1 and 2 processes
 import train
 from dyhead import (COCO_STATS, FPN, ATSSHead, DyHeadBlock, DynamicHead, DyReLU, anchors, atss_assign, atss_losses,
-                    batched_nms, box_iou, centerness_targets, coco_eval, decode, deform_conv2d, encode, giou_loss,
+                    batched_nms, centerness_targets, coco_eval, decode, deform_conv2d, encode, giou_loss,
                     hard_sigmoid, nms, postprocess, read_coco, sigmoid_focal_loss, write_coco_results)
 
 
@@ -203,10 +203,10 @@ def test_batched_nms_matches_torchvision(n):
 
 
 def test_box_iou_matches_torchvision():
-    """box_iou equals torchvision's bit for bit, including NaN for two zero-area boxes."""
+    """data.box_iou (NMS and ATSS use it) equals torchvision's bit for bit, including NaN for two zero-area boxes."""
     a, b = random_boxes(30), random_boxes(20)
     a[0, 2], b[0, 2] = a[0, 0], b[0, 0]
-    iou = box_iou(a, b)
+    iou = data.box_iou(a, b)
     assert iou.shape == (30, 20) and iou[0, 0].isnan()
     torch.testing.assert_close(iou, tv.box_iou(a, b), rtol=0, atol=0, equal_nan=True)
 
@@ -1024,7 +1024,7 @@ def test_det_trains_on_a_coco_file(tmp_path, capsys):
                                 "iscrowd": 0})  # wholly outside: nothing left
     path.write_text(json.dumps(coco))
     cfg = dataclasses.replace(dyhead.CONFIGS["toy"], data=str(path))
-    assert dyhead.class_names(cfg) == list(data.SHAPES)
+    assert dyhead.build_vocab(cfg) == list(data.SHAPES)
     ds = dyhead.CocoImages(str(path))
     assert ds.skipped_boxes == [500, 502] and ds.clipped == [501] and len(ds) == 7 and ds[6]["objects"] == []
     assert ds[1]["objects"][-1] == {"box": [50, 0, 64, 16], "label": 1}
@@ -1046,24 +1046,25 @@ def test_det_bad_inputs_are_named(tmp_path):
     os.remove(tmp_path / "1.png")
     with pytest.raises(data.DataError, match="1.png|image id 2"):
         dyhead.CocoImages(str(path))[1]
+    cfg = dataclasses.replace(dyhead.CONFIGS["toy"], init_from=str(tmp_path / "nothing.pt"))
     with pytest.raises(FileNotFoundError, match="nothing.pt"):
-        dyhead.build_model(dataclasses.replace(dyhead.CONFIGS["toy"], init_from=str(tmp_path / "nothing.pt")), None)
+        dyhead.build_model(cfg, dyhead.build_vocab(cfg))
 
 
 def test_init_from_a_unicl_checkpoint(tmp_path):
     """--init_from copies a UniCL checkpoint's image tower into the detector's backbone, weight for weight."""
     train.main(["--max_iters=1", "--batch_size=4", "--val_size=0", "--train_size=8", f"--out_dir={tmp_path}"])
     cfg = dataclasses.replace(dyhead.CONFIGS["toy"], init_from=str(tmp_path / "ckpt.pt"))
-    model = dyhead.build_model(cfg, None)
+    model = dyhead.build_model(cfg, dyhead.build_vocab(cfg))
     tower = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
     for name, value in model.backbone.state_dict().items():
         assert torch.equal(value, tower["visual." + name]), name
     with pytest.raises(ValueError, match="'T'"):
-        dyhead.build_model(dataclasses.replace(cfg, backbone="T"), None)
+        dyhead.build_model(dataclasses.replace(cfg, backbone="T"), dyhead.build_vocab(cfg))
 
 
 @pytest.mark.slow
-def test_default_det_run_reaches_the_issue_bar(tmp_path):
+def test_readme_run_reaches_its_bar(tmp_path):
     """`python train.py --stage det` with no other argument (~17 min on 2 cores): COCO AP >= 0.90 on the 500 val
     images (README "Results")."""
     metrics = train.main(["--stage", "det", f"--out_dir={tmp_path}"])
