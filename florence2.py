@@ -3,23 +3,29 @@
 Florence-2 (Xiao et al., 2023) turns captioning, detection, grounding, segmentation and OCR into one
 problem: read an image and a task prompt, write the answer as text. Boxes and polygons are written with
 1,000 extra "coordinate" tokens <loc_0>..<loc_999>, so a single cross-entropy loss and a single decoder
-serve every task. The file follows the paper's Figure 2 from left to right:
+serve every task. Sections 1-7 are the paper's model, following its Figure 2 from left to right; sections
+8-13 are the machinery around it, each one skippable:
 
   1. configs           dataclasses and the model sizes (toy, base = 231.4M, large = 770M)
   2. DaViT             the image encoder: conv embeddings, window attention and channel-group attention
   3. image tokens      2D position + temporal embeddings, a spatial-mean token, projection to the text width
   4. BART              the post-LN transformer encoder-decoder with a key/value cache
   5. Florence2         image tokens in front of the prompt, the forward pass, greedy and beam search
-  6. released weights  the name map for the transformers-native checkpoints (read by data.read_weights_folder)
+  6. tasks             the coordinate tokens, the task prompts, the image input, parsing answers back
   7. tokenizers        BART's byte-level BPE on tiktoken; data.py's byte-level one for the toy
-  8. tasks             the coordinate vocabulary, the task prompts, and parsing answers back into boxes
+  8. released weights  the name map for the transformers-native checkpoints (read by data.read_weights_folder)
   9. task data         every task's target text from a Shapes-world sample; a JSON-lines reader for real data
- 10. training          the stage that `python train.py --stage florence2` drives, the CPU toy's training aids
-                       (kept apart from the model: ToyFlorence2), and the metrics
- 11. command line      python florence2.py --ckpt PATH --image IMG --task '<OD>' [--text ...] [--out out.png];
+ 10. training stage    the protocol that `python train.py --stage florence2` drives: CONFIGS, TRAIN, build_vocab,
+                       build_model, build_datasets, collate, compute_loss (evaluate: section 12)
+ 11. the toy's aids    all the CPU toy adds to the paper, in one place, off in the base and large configs: the conv
+                       stem, soft coordinate targets, label smoothing, the cell heads (ToyFlorence2), the early and
+                       late task mixtures
+ 12. evaluation        the metric of each task family on post-processed answers, and evaluate
+ 13. command line      python florence2.py --ckpt PATH --image IMG --task '<OD>' [--text ...] [--out out.png];
                        --images DIR_OR_GLOB labels a folder into JSON lines or a COCO file, resumably
 """
 import argparse
+import functools
 import glob
 import itertools
 import json
@@ -40,7 +46,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.checkpoint import checkpoint
 
-import coswin  # the toy's conv stem: one building block, one home
+import coswin  # shared blocks: the toy's conv stem, Mlp, stochastic depth, BERT's init, checkpoint reading
 import data
 
 # ----------------------------------------------------------------------------------------------------
@@ -129,20 +135,6 @@ ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, a
 # tokens of a local window ("spatial") with attention over the channels of the whole image ("channel").
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: drop a residual branch for a whole sample, rescale the kept ones."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype) >= self.p
-        return x * keep / (1 - self.p)
-
-
 def run_layer(owner, layer, *args):
     """layer(*args), recomputed in the backward pass instead of stored when the owner's grad_checkpointing is
     on (train.py --grad_checkpointing: activation memory for compute)."""
@@ -170,28 +162,6 @@ class ConvEmbed(nn.Module):
         if self.pre_norm:
             return self.conv(norm_2d(self.norm, x))
         return norm_2d(self.norm, self.conv(x))
-
-
-class Stem(coswin.ConvStem):
-    """The CPU toy's stage-1 embedding (DaViTConfig.stem), not the paper's: CoSwin's BatchNorm conv stem (3x3
-    convs, a 2x2 max pool after each width, then LayerNorm) in place of the 7x7 stride-4 conv. A transformer
-    needs many samples to learn shape from patches; early convolutions make it sample-efficient (Xiao et al.,
-    2021), which is what a CPU toy trained for minutes needs."""
-
-    def forward(self, x):  # (B, C_in, H, W) -> (B, C, H / 2^k, W / 2^k)
-        return super().forward(x).permute(0, 3, 1, 2)
-
-
-class FFN(nn.Module):
-    """The transformer MLP: Linear, activation, (dropout), Linear. Shared by DaViT and BART."""
-
-    def __init__(self, dim, hidden, activation=F.gelu, dropout=0.0):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        self.activation, self.dropout = activation, dropout
-
-    def forward(self, x):
-        return self.fc2(F.dropout(self.activation(self.fc1(x)), self.dropout, self.training))
 
 
 class WindowAttention(nn.Module):
@@ -249,18 +219,18 @@ class MixerBlock(nn.Module):
         self.attn = attn
         self.conv2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm2 = nn.LayerNorm(dim)
-        self.ffn = FFN(dim, int(dim * mlp_ratio))
-        self.drop_path = DropPath(drop_path)
+        self.ffn = coswin.Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path  # stochastic depth of both residual branches
 
     def forward(self, x):  # (B, C, H, W)
         B, C, H, W = x.shape
         x = x + self.conv1(x)
         t = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
-        t = t + self.drop_path(self.attn(self.norm1(t), H, W))
+        t = coswin.residual(t, self.attn(self.norm1(t), H, W), self.drop_path, self.training)
         x = t.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
         x = x + self.conv2(x)
         t = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
-        t = t + self.drop_path(self.ffn(self.norm2(t)))
+        t = coswin.residual(t, self.ffn(self.norm2(t)), self.drop_path, self.training)
         return t.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
 
 
@@ -291,6 +261,7 @@ class DaViT(nn.Module):
         self.convs, self.blocks = nn.ModuleList(), nn.ModuleList()
         for s in range(n):
             c_in = cfg.in_channels if s == 0 else cfg.embed_dims[s - 1]
+            # stage 1 of the CPU toy is a conv stem instead (Stem, with the toy's other aids in section 11)
             self.convs.append(Stem(cfg.in_channels, cfg.stem, cfg.embed_dims[0]) if s == 0 and cfg.stem else
                               ConvEmbed(c_in, cfg.embed_dims[s], cfg.patch_size[s], cfg.patch_stride[s],
                                         cfg.patch_padding[s], cfg.patch_prenorm[s]))
@@ -348,6 +319,19 @@ class ImageProjection(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------
 # 4. BART (Lewis et al., 2020): post-LN encoder-decoder, learned positions, tied embeddings
+
+
+class FFN(nn.Module):
+    """BART's feed-forward layer: Linear, the config's activation, dropout, Linear. (DaViT's is coswin.Mlp: GELU,
+    no dropout.)"""
+
+    def __init__(self, dim, hidden, activation=F.gelu, dropout=0.0):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.activation, self.dropout = activation, dropout
+
+    def forward(self, x):
+        return self.fc2(F.dropout(self.activation(self.fc1(x)), self.dropout, self.training))
 
 
 class Attention(nn.Module):
@@ -543,9 +527,7 @@ class KVCache:
 
 
 class Florence2(nn.Module):
-    def __init__(self, cfg: Florence2Config, init_text=True):
-        """init_text=False leaves the text side at PyTorch's default init, for a caller that draws other weights
-        first and then calls init_text_weights() (the toy's training aids, section 10)."""
+    def __init__(self, cfg: Florence2Config):
         super().__init__()
         if cfg.activation not in ACTIVATIONS:
             raise ValueError(f"activation {cfg.activation!r} not in {sorted(ACTIVATIONS)}")
@@ -557,22 +539,13 @@ class Florence2(nn.Module):
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        if init_text:
-            self.init_text_weights()
+        self.init_text_weights()
 
     def init_text_weights(self):
         """BART's init on the text side. The vision tower keeps DaViT's (std 0.02 whatever init_std says), as a
         larger std in its attention and MLP layers lets the coordinate tasks wipe colour out of its features."""
         for module in (self.projector, self.embed_tokens, self.encoder, self.decoder):
-            module.apply(self._init_weights)
-
-    def _init_weights(self, m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=self.cfg.init_std)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
-        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
-            nn.init.zeros_(m.weight[m.padding_idx])
+            module.apply(functools.partial(coswin.bert_init, std=self.cfg.init_std))
 
     def image_map(self, pixel_values):  # (B, 3, H, W) normalised -> the vision tower's map (B, C, H/32, W/32)
         return self.vision_tower(pixel_values.to(self.projector.proj.weight.dtype))
@@ -780,262 +753,7 @@ class Florence2(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Released weights: the transformers-native layout (the files are read by data.read_weights_folder)
-
-def config_from_hf(hf):
-    """Our config from a transformers Florence2Config dict (absent keys keep our base defaults, except that
-    an absent forced_bos/eos_token_id means no forcing)."""
-    if hf.get("model_type") != "florence2":
-        raise ValueError(f"config.json has model_type {hf.get('model_type')!r}, expected 'florence2' (the "
-                         f"transformers-native layout; the older trust_remote_code layout is not supported)")
-    v, t = hf.get("vision_config") or {}, hf.get("text_config") or {}
-    vision_keys = {"in_channels": "in_channels", "depths": "depths", "embed_dims": "embed_dim",
-                   "num_heads": "num_heads", "num_groups": "num_groups", "patch_size": "patch_size",
-                   "patch_stride": "patch_stride", "patch_padding": "patch_padding",
-                   "patch_prenorm": "patch_prenorm", "window_size": "window_size", "mlp_ratio": "mlp_ratio",
-                   "qkv_bias": "qkv_bias", "drop_path_rate": "drop_path_rate"}
-    text_keys = {"vocab_size": "vocab_size", "d_model": "d_model", "encoder_layers": "encoder_layers",
-                 "decoder_layers": "decoder_layers", "encoder_heads": "encoder_attention_heads",
-                 "decoder_heads": "decoder_attention_heads", "encoder_ffn_dim": "encoder_ffn_dim",
-                 "decoder_ffn_dim": "decoder_ffn_dim", "max_position_embeddings": "max_position_embeddings",
-                 "activation": "activation_function", "dropout": "dropout",
-                 "attention_dropout": "attention_dropout", "activation_dropout": "activation_dropout",
-                 "scale_embedding": "scale_embedding", "pad_token_id": "pad_token_id",
-                 "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
-                 "decoder_start_token_id": "decoder_start_token_id"}
-    vision = DaViTConfig(**{ours: tuple(v[k]) if isinstance(v[k], list) else v[k]
-                            for ours, k in vision_keys.items() if k in v})
-    cfg = Florence2Config(vision=vision, **{ours: t[k] for ours, k in text_keys.items() if k in t})
-    cfg = replace(cfg, max_image_positions=v.get("max_position_embeddings", cfg.max_image_positions),
-                  max_temporal_embeddings=v.get("max_temporal_embeddings", cfg.max_temporal_embeddings),
-                  forced_bos_token_id=t.get("forced_bos_token_id"),  # absent means "not forced"
-                  forced_eos_token_id=t.get("forced_eos_token_id"))
-    if v.get("projection_dim", cfg.d_model) != cfg.d_model:
-        raise ValueError(f"vision projection_dim {v['projection_dim']} != text d_model {cfg.d_model}")
-    return cfg
-
-
-# transformers name -> our name, applied in order
-HF_NAME_RULES = [
-    (r"^model\.vision_tower\.", "vision_tower."),
-    (r"\.(window|channel)_attn\.", ".attn."),
-    (r"^model\.multi_modal_projector\.image_projection\.", "projector.proj."),
-    (r"^model\.multi_modal_projector\.image_proj_norm\.", "projector.norm."),
-    (r"^model\.multi_modal_projector\.image_position_embed\.row_embeddings\.", "projector.row_embed."),
-    (r"^model\.multi_modal_projector\.image_position_embed\.column_embeddings\.", "projector.col_embed."),
-    (r"^model\.language_model\.shared\.", "embed_tokens."),
-    (r"^model\.language_model\.", ""),
-    (r"\.layers\.(\d+)\.fc([12])\.", r".layers.\1.ffn.fc\2."),
-]
-HF_TIED = ("lm_head.weight", "model.language_model.encoder.embed_tokens.weight",
-           "model.language_model.decoder.embed_tokens.weight")  # copies of the shared token embedding
-HF_DERIVED = ("model.multi_modal_projector.visual_temporal_embed.pos_idx_to_embed",)  # a fixed sinusoid table
-
-
-def hf_state_dict_to_ours(hf, ours):
-    out = {}
-    for name, tensor in hf.items():
-        if name in HF_DERIVED:
-            continue
-        if name in HF_TIED:
-            if "embed_tokens.weight" in out and not torch.equal(out["embed_tokens.weight"], tensor):
-                raise ValueError(f"{name} differs from the token embedding: untied heads are not supported")
-            out["embed_tokens.weight"] = tensor
-            continue
-        for pattern, repl in HF_NAME_RULES:
-            name = re.sub(pattern, repl, name)
-        out[name] = tensor
-    unexpected, missing = sorted(set(out) - set(ours)), sorted(set(ours) - set(out))
-    if unexpected or missing:
-        raise ValueError(f"checkpoint does not match the config: {len(unexpected)} unexpected keys "
-                         f"{unexpected[:5]}, {len(missing)} missing keys {missing[:5]}")
-    wrong = [f"{k}: {tuple(out[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items() if out[k].shape != v.shape]
-    if wrong:
-        raise ValueError(f"checkpoint shapes do not match the config: {wrong[:5]}")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# 7. Tokenizers: BART's byte-level BPE (GPT-2's), run by tiktoken; then the byte-level toy tokenizer
-#
-# GPT-2 BPE works on bytes shown as printable characters (vocab.json keys) and applies merges.txt in
-# priority order. tiktoken instead merges the adjacent pair whose concatenation has the lowest rank, so
-# giving each single byte a rank below all merges, and the token made by merge i the rank 256 + i (a
-# merge repeating an earlier result is skipped, as it could never fire),
-# reproduces the merge order. Added tokens (<s>, </s>, <loc_17>, <OD>, ...) are cut out of the text first.
-
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
-def bytes_to_unicode():
-    """GPT-2's byte -> printable character map (printable Latin-1 bytes map to themselves)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    moved = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
-
-
-class BartTokenizer:
-    def __init__(self, vocab, merges, added_tokens):
-        """vocab: {token string: id}; merges: [(left, right)] in priority order; added_tokens: list of
-        {"id", "content", "special", "lstrip", "rstrip"} matched literally before BPE."""
-        byte_of = {c: b for b, c in bytes_to_unicode().items()}
-        char_of = bytes_to_unicode()
-        unk = vocab.get("<unk>")
-        ranks, rank_to_id = {}, []
-        for b in range(256):
-            ranks[bytes([b])] = b
-            rank_to_id.append(vocab.get(char_of[b], unk))
-        for left, right in merges:
-            merged = bytes(byte_of[c] for c in left + right)
-            if merged not in ranks and left + right in vocab:  # a repeated merge never fires second
-                ranks[merged] = len(ranks)
-                rank_to_id.append(vocab[left + right])
-        self.bpe = tiktoken.Encoding("bart-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
-        self.rank_to_id = rank_to_id
-        self.id_to_bytes = {i: bytes(byte_of[c] for c in tok) for tok, i in vocab.items()
-                            if all(c in byte_of for c in tok)}
-        self.added = {t["content"]: t for t in added_tokens}
-        self.added_by_id = {t["id"]: t for t in added_tokens}
-        self.vocab_size = 1 + max([*vocab.values(), *self.added_by_id])
-        self._compile_added()
-        ids = {t["content"]: t["id"] for t in added_tokens} | vocab
-        self.bos_token_id, self.eos_token_id = ids.get("<s>"), ids.get("</s>")
-        self.pad_token_id, self.unk_token_id = ids.get("<pad>"), unk
-
-    def _compile_added(self):
-        by_length = sorted(self.added, key=len, reverse=True)  # longest match first
-        self.added_pattern = re.compile("|".join(map(re.escape, by_length))) if by_length else None
-
-    def add_tokens(self, tokens):
-        """Append the tokens it lacks with the next free ids, as the Florence-2 processor adds <loc_*> to BART's
-        vocabulary (a released Florence-2 tokenizer already has them: nothing changes). Returns self."""
-        for content in tokens:
-            if content not in self.added:
-                self.added[content] = self.added_by_id[self.vocab_size] = {"id": self.vocab_size, "content": content,
-                                                                           "special": False}
-                self.vocab_size += 1
-        self._compile_added()
-        return self
-
-    @classmethod
-    def from_pretrained(cls, folder):
-        """From vocab.json + merges.txt (+ added_tokens.json), or from a tokenizer.json."""
-        def read(name, parse=json.loads):  # the file's parsed content, or None when absent
-            path = os.path.join(folder, name)
-            if not os.path.isfile(path):
-                return None
-            with open(path, encoding="utf-8") as f:
-                return parse(f.read())
-
-        tokenizer_json, vocab, merges_txt = read("tokenizer.json"), read("vocab.json"), read("merges.txt", str)
-        if vocab is not None and merges_txt is not None:
-            lines = [line for line in merges_txt.split("\n") if line and not line.startswith("#version")]
-            merges = [tuple(line.split(" ")) for line in lines]
-        elif tokenizer_json is not None:
-            vocab = tokenizer_json["model"]["vocab"]
-            merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in tokenizer_json["model"]["merges"]]
-        else:
-            raise FileNotFoundError(f"{folder!r} holds neither vocab.json + merges.txt nor tokenizer.json")
-        added = {}
-        for name in ("<s>", "<pad>", "</s>", "<unk>", "<mask>"):  # BART's specials live in vocab.json
-            if name in vocab:
-                added[name] = {"id": vocab[name], "content": name, "special": True}
-        for content, i in (read("added_tokens.json") or {}).items():
-            added.setdefault(content, {"id": i, "content": content, "special": False})
-        for t in (tokenizer_json or {}).get("added_tokens", []):  # carries the strip flags when present
-            added[t["content"]] = t
-        return cls(vocab, merges, list(added.values()))
-
-    def encode(self, text, add_special_tokens=True):
-        """Text -> ids; with add_special_tokens, wrapped as <s> ... </s> (the Florence-2 prompt form)."""
-        ids, start = [], 0
-        for m in self.added_pattern.finditer(text) if self.added_pattern else ():
-            tok = self.added[m.group()]
-            before = text[start:m.start()]
-            ids += self._bpe(before.rstrip() if tok.get("lstrip") else before)  # lstrip: eat spaces before
-            ids.append(tok["id"])
-            start = m.end()
-            if tok.get("rstrip"):  # eat spaces after
-                start += len(text[start:]) - len(text[start:].lstrip())
-        ids += self._bpe(text[start:])
-        return [self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids
-
-    def _bpe(self, chunk):
-        return [self.rank_to_id[r] for r in self.bpe.encode_ordinary(chunk)]
-
-    def decode(self, ids, skip_special_tokens=False):
-        text, buffer = [], bytearray()
-        for i in (ids.tolist() if torch.is_tensor(ids) else ids):
-            if i in self.added_by_id:
-                text.append(buffer.decode("utf-8", errors="replace"))
-                buffer.clear()
-                if not (skip_special_tokens and self.added_by_id[i].get("special")):
-                    text.append(self.added_by_id[i]["content"])
-            elif i in self.id_to_bytes:
-                buffer += self.id_to_bytes[i]
-            else:
-                raise ValueError(f"token id {i} is not in the vocabulary")
-        return "".join(text) + buffer.decode("utf-8", errors="replace")
-
-    def __call__(self, texts):
-        return encode_batch(self, texts)
-
-
-def pad_rows(rows, value):
-    """Lists of ids -> one right-padded LongTensor (len(rows), longest)."""
-    width = max(map(len, rows))
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
-
-
-def encode_batch(tokenizer, texts):
-    """A batch of prompts -> (input_ids, attention_mask), right-padded LongTensors (B, T)."""
-    rows = [tokenizer.encode(t) for t in texts]
-    return pad_rows(rows, tokenizer.pad_token_id), pad_rows([[1] * len(r) for r in rows], 0)
-
-
-# The toy tokenizer: data.py's byte-level tiktoken encoding (no file, works offline) with BART's <s> </s> <pad>,
-# the coordinate, markup and task tokens, and optionally whole-word tokens for the Shapes world. Bytes make
-# long sequences: "a small red triangle and a large blue diamond" is 45 tokens, a detailed caption 150+, and a
-# batch is as long as its longest answer. The Shapes world speaks a few dozen words, so "bytes+shapes" adds
-# them as single tokens, which cuts answers about 3x; any other text still encodes byte by byte, losslessly.
-# The 16 words written on the images are added with and without a leading space (an OCR answer's first word has
-# none), as BART's BPE has most short words as one token: reading is then naming one of 16 words, not spelling it.
-# tiktoken finds added tokens by leftmost match, so the words are prefix-free (" shape" but not " shapes", which
-# becomes " shape" + "s") to make every text tokenize one way.
-MARKUP_TOKENS = ("<poly>", "</poly>", "<sep>")
-SHAPES_WORDS = tuple(" " + w for w in (
-    *data.SHAPES, *data.COLORS, *data.SIZES, *data.NUMBER_WORDS[2:], "shape", "The", "the", "is", "are", "and",
-    "at", "in", "of", "top", "bottom", "left", "right", "center", "above", "below", "background", "dark", "light",
-    "noisy", "gradient", "striped", "word", "written", "image")) + tuple(p + w for w in data.WORDS for p in ("", " "))
-
-
-class ByteTokenizer:
-    """The toy tokenizer, with BartTokenizer's interface (encode, decode, __call__, the special ids)."""
-
-    def __init__(self, words=()):
-        base = data.Tokenizer(data.get_tokenizer("bytes").encoding, bos="<s>", eos="</s>", pad="<pad>")
-        self.tok = base.add_special_tokens([*LOC_TOKENS, *MARKUP_TOKENS, *TASKS, *words])
-        self.bos_token_id, self.eos_token_id, self.pad_token_id = self.tok.bos_id, self.tok.eos_id, self.tok.pad_id
-        self.vocab_size = self.tok.n_vocab
-
-    def encode(self, text, add_special_tokens=True):
-        """Text -> ids; with add_special_tokens, wrapped as <s> ... </s>."""
-        return self.tok.encode(text, bos=add_special_tokens, eos=add_special_tokens)
-
-    def decode(self, ids, skip_special_tokens=False):
-        """Ids -> text; every added token is written out (<s>, <loc_12>, ...) unless skip_special_tokens drops
-        <s> </s> <pad>. Bytes that do not form UTF-8 (a model's half-written character) become U+FFFD."""
-        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
-        if skip_special_tokens:
-            ids = [i for i in ids if i not in (self.bos_token_id, self.eos_token_id, self.pad_token_id)]
-        return self.tok.decode(ids, skip_special=False)
-
-    def __call__(self, texts):
-        return encode_batch(self, texts)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 8. Tasks: the coordinate vocabulary, the prompts, and parsing answers back into structures
+# 6. Tasks: the coordinate tokens, the prompts, the image input, and parsing answers back into structures
 #
 # A coordinate x in an image of width W becomes bin q = floor(x / (W / 1000)), clamped to [0, 999], and is
 # written as the token <loc_q>; it reads back as the bin centre (q + 0.5) * W / 1000. Boxes are
@@ -1065,6 +783,14 @@ def dequantize(bins, image_size):
 def loc_text(coords, image_size):
     """Pixel coordinates -> the target text "<loc_a><loc_b>..." a model learns to write."""
     return "".join(LOC_TOKENS[q] for q in quantize(coords, image_size).flatten().tolist())
+
+
+def preprocess(image, size):
+    """The released processor's image path: RGB (transparency composited onto white), resized to size x size
+    (the aspect ratio is not kept: boxes are relative to the image, so they are unchanged), bicubic,
+    ImageNet-normalised -> (3, size, size)."""
+    image = data.to_rgb(image)  # before resizing: a resize must not mix in the colours hidden under alpha 0
+    return data.to_tensor(image.resize((size, size), Image.BICUBIC), data.IMAGENET_MEAN, data.IMAGENET_STD)
 
 
 # task token -> (prompt, answer format); "{input}" marks the tasks that take a phrase or a region
@@ -1216,6 +942,267 @@ def post_process(text, task, image_size):
 
 
 # ----------------------------------------------------------------------------------------------------
+# 7. Tokenizers: BART's byte-level BPE (GPT-2's), run by tiktoken; then the byte-level toy tokenizer
+#
+# GPT-2 BPE works on bytes shown as printable characters (vocab.json keys) and applies merges.txt in
+# priority order. tiktoken instead merges the adjacent pair whose concatenation has the lowest rank, so
+# giving each single byte a rank below all merges, and the token made by merge i the rank 256 + i (a
+# merge repeating an earlier result is skipped, as it could never fire),
+# reproduces the merge order. Added tokens (<s>, </s>, <loc_17>, <OD>, ...) are cut out of the text first.
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def bytes_to_unicode():
+    """GPT-2's byte -> printable character map (printable Latin-1 bytes map to themselves)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
+class BartTokenizer:
+    def __init__(self, vocab, merges, added_tokens):
+        """vocab: {token string: id}; merges: [(left, right)] in priority order; added_tokens: list of
+        {"id", "content", "special", "lstrip", "rstrip"} matched literally before BPE."""
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        char_of = bytes_to_unicode()
+        unk = vocab.get("<unk>")
+        ranks, rank_to_id = {}, []
+        for b in range(256):
+            ranks[bytes([b])] = b
+            rank_to_id.append(vocab.get(char_of[b], unk))
+        for left, right in merges:
+            merged = bytes(byte_of[c] for c in left + right)
+            if merged not in ranks and left + right in vocab:  # a repeated merge never fires second
+                ranks[merged] = len(ranks)
+                rank_to_id.append(vocab[left + right])
+        self.bpe = tiktoken.Encoding("bart-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
+        self.rank_to_id = rank_to_id
+        self.id_to_bytes = {i: bytes(byte_of[c] for c in tok) for tok, i in vocab.items()
+                            if all(c in byte_of for c in tok)}
+        self.added = {t["content"]: t for t in added_tokens}
+        self.added_by_id = {t["id"]: t for t in added_tokens}
+        self.vocab_size = 1 + max([*vocab.values(), *self.added_by_id])
+        self._compile_added()
+        ids = {t["content"]: t["id"] for t in added_tokens} | vocab
+        self.bos_token_id, self.eos_token_id = ids.get("<s>"), ids.get("</s>")
+        self.pad_token_id, self.unk_token_id = ids.get("<pad>"), unk
+
+    def _compile_added(self):
+        by_length = sorted(self.added, key=len, reverse=True)  # longest match first
+        self.added_pattern = re.compile("|".join(map(re.escape, by_length))) if by_length else None
+
+    def add_tokens(self, tokens):
+        """Append the tokens it lacks with the next free ids, as the Florence-2 processor adds <loc_*> to BART's
+        vocabulary (a released Florence-2 tokenizer already has them: nothing changes). Returns self."""
+        for content in tokens:
+            if content not in self.added:
+                self.added[content] = self.added_by_id[self.vocab_size] = {"id": self.vocab_size, "content": content,
+                                                                           "special": False}
+                self.vocab_size += 1
+        self._compile_added()
+        return self
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        """From vocab.json + merges.txt (+ added_tokens.json), or from a tokenizer.json."""
+        def read(name, parse=json.loads):  # the file's parsed content, or None when absent
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path):
+                return None
+            with open(path, encoding="utf-8") as f:
+                return parse(f.read())
+
+        tokenizer_json, vocab, merges_txt = read("tokenizer.json"), read("vocab.json"), read("merges.txt", str)
+        if vocab is not None and merges_txt is not None:
+            lines = [line for line in merges_txt.split("\n") if line and not line.startswith("#version")]
+            merges = [tuple(line.split(" ")) for line in lines]
+        elif tokenizer_json is not None:
+            vocab = tokenizer_json["model"]["vocab"]
+            merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in tokenizer_json["model"]["merges"]]
+        else:
+            raise FileNotFoundError(f"{folder!r} holds neither vocab.json + merges.txt nor tokenizer.json")
+        added = {}
+        for name in ("<s>", "<pad>", "</s>", "<unk>", "<mask>"):  # BART's specials live in vocab.json
+            if name in vocab:
+                added[name] = {"id": vocab[name], "content": name, "special": True}
+        for content, i in (read("added_tokens.json") or {}).items():
+            added.setdefault(content, {"id": i, "content": content, "special": False})
+        for t in (tokenizer_json or {}).get("added_tokens", []):  # carries the strip flags when present
+            added[t["content"]] = t
+        return cls(vocab, merges, list(added.values()))
+
+    def encode(self, text, add_special_tokens=True):
+        """Text -> ids; with add_special_tokens, wrapped as <s> ... </s> (the Florence-2 prompt form)."""
+        ids, start = [], 0
+        for m in self.added_pattern.finditer(text) if self.added_pattern else ():
+            tok = self.added[m.group()]
+            before = text[start:m.start()]
+            ids += self._bpe(before.rstrip() if tok.get("lstrip") else before)  # lstrip: eat spaces before
+            ids.append(tok["id"])
+            start = m.end()
+            if tok.get("rstrip"):  # eat spaces after
+                start += len(text[start:]) - len(text[start:].lstrip())
+        ids += self._bpe(text[start:])
+        return [self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids
+
+    def _bpe(self, chunk):
+        return [self.rank_to_id[r] for r in self.bpe.encode_ordinary(chunk)]
+
+    def decode(self, ids, skip_special_tokens=False):
+        text, buffer = [], bytearray()
+        for i in (ids.tolist() if torch.is_tensor(ids) else ids):
+            if i in self.added_by_id:
+                text.append(buffer.decode("utf-8", errors="replace"))
+                buffer.clear()
+                if not (skip_special_tokens and self.added_by_id[i].get("special")):
+                    text.append(self.added_by_id[i]["content"])
+            elif i in self.id_to_bytes:
+                buffer += self.id_to_bytes[i]
+            else:
+                raise ValueError(f"token id {i} is not in the vocabulary")
+        return "".join(text) + buffer.decode("utf-8", errors="replace")
+
+    def __call__(self, texts):
+        return encode_batch(self, texts)
+
+
+def pad_rows(rows, value):
+    """Lists of ids -> one right-padded LongTensor (len(rows), longest)."""
+    width = max(map(len, rows))
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def encode_batch(tokenizer, texts):
+    """A batch of prompts -> (input_ids, attention_mask), right-padded LongTensors (B, T)."""
+    rows = [tokenizer.encode(t) for t in texts]
+    return pad_rows(rows, tokenizer.pad_token_id), pad_rows([[1] * len(r) for r in rows], 0)
+
+
+# The toy tokenizer: data.py's byte-level tiktoken encoding (no file, works offline) with BART's <s> </s> <pad>,
+# the coordinate, markup and task tokens, and optionally whole-word tokens for the Shapes world. Bytes make
+# long sequences: "a small red triangle and a large blue diamond" is 45 tokens, a detailed caption 150+, and a
+# batch is as long as its longest answer. The Shapes world speaks a few dozen words, so "bytes+shapes" adds
+# them as single tokens, which cuts answers about 3x; any other text still encodes byte by byte, losslessly.
+# The 16 words written on the images are added with and without a leading space (an OCR answer's first word has
+# none), as BART's BPE has most short words as one token: reading is then naming one of 16 words, not spelling it.
+# tiktoken finds added tokens by leftmost match, so the words are prefix-free (" shape" but not " shapes", which
+# becomes " shape" + "s") to make every text tokenize one way.
+MARKUP_TOKENS = ("<poly>", "</poly>", "<sep>")
+SHAPES_WORD_TOKENS = tuple(" " + w for w in (
+    *data.SHAPES, *data.COLORS, *data.SIZES, *data.NUMBER_WORDS[2:], "shape", "The", "the", "is", "are", "and",
+    "at", "in", "of", "top", "bottom", "left", "right", "center", "above", "below", "background", "dark", "light",
+    "noisy", "gradient", "striped", "word", "written", "image")) + tuple(p + w for w in data.WORDS for p in ("", " "))
+
+
+class ByteTokenizer:
+    """The toy tokenizer, with BartTokenizer's interface (encode, decode, __call__, the special ids)."""
+
+    def __init__(self, words=()):
+        base = data.Tokenizer(data.get_tokenizer("bytes").encoding, bos="<s>", eos="</s>", pad="<pad>")
+        self.tok = base.add_special_tokens([*LOC_TOKENS, *MARKUP_TOKENS, *TASKS, *words])
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = self.tok.bos_id, self.tok.eos_id, self.tok.pad_id
+        self.vocab_size = self.tok.n_vocab
+
+    def encode(self, text, add_special_tokens=True):
+        """Text -> ids; with add_special_tokens, wrapped as <s> ... </s>."""
+        return self.tok.encode(text, bos=add_special_tokens, eos=add_special_tokens)
+
+    def decode(self, ids, skip_special_tokens=False):
+        """Ids -> text; every added token is written out (<s>, <loc_12>, ...) unless skip_special_tokens drops
+        <s> </s> <pad>. Bytes that do not form UTF-8 (a model's half-written character) become U+FFFD."""
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in (self.bos_token_id, self.eos_token_id, self.pad_token_id)]
+        return self.tok.decode(ids, skip_special=False)
+
+    def __call__(self, texts):
+        return encode_batch(self, texts)
+
+
+# ====================================================================================================
+# The paper's model ends here. What follows is the machinery around it: released weights, the training data, the
+# training stage and the CPU toy's aids, evaluation, the command line.
+# ====================================================================================================
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. Released weights: the transformers-native layout (the files are read by data.read_weights_folder)
+
+def config_from_hf(hf):
+    """Our config from a transformers Florence2Config dict (absent keys keep our base defaults, except that
+    an absent forced_bos/eos_token_id means no forcing)."""
+    if hf.get("model_type") != "florence2":
+        raise ValueError(f"config.json has model_type {hf.get('model_type')!r}, expected 'florence2' (the "
+                         f"transformers-native layout; the older trust_remote_code layout is not supported)")
+    v, t = hf.get("vision_config") or {}, hf.get("text_config") or {}
+    vision_keys = {"in_channels": "in_channels", "depths": "depths", "embed_dims": "embed_dim",
+                   "num_heads": "num_heads", "num_groups": "num_groups", "patch_size": "patch_size",
+                   "patch_stride": "patch_stride", "patch_padding": "patch_padding",
+                   "patch_prenorm": "patch_prenorm", "window_size": "window_size", "mlp_ratio": "mlp_ratio",
+                   "qkv_bias": "qkv_bias", "drop_path_rate": "drop_path_rate"}
+    text_keys = {"vocab_size": "vocab_size", "d_model": "d_model", "encoder_layers": "encoder_layers",
+                 "decoder_layers": "decoder_layers", "encoder_heads": "encoder_attention_heads",
+                 "decoder_heads": "decoder_attention_heads", "encoder_ffn_dim": "encoder_ffn_dim",
+                 "decoder_ffn_dim": "decoder_ffn_dim", "max_position_embeddings": "max_position_embeddings",
+                 "activation": "activation_function", "dropout": "dropout",
+                 "attention_dropout": "attention_dropout", "activation_dropout": "activation_dropout",
+                 "scale_embedding": "scale_embedding", "pad_token_id": "pad_token_id",
+                 "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
+                 "decoder_start_token_id": "decoder_start_token_id"}
+    vision = DaViTConfig(**{ours: tuple(v[k]) if isinstance(v[k], list) else v[k]
+                            for ours, k in vision_keys.items() if k in v})
+    cfg = Florence2Config(vision=vision, **{ours: t[k] for ours, k in text_keys.items() if k in t})
+    cfg = replace(cfg, max_image_positions=v.get("max_position_embeddings", cfg.max_image_positions),
+                  max_temporal_embeddings=v.get("max_temporal_embeddings", cfg.max_temporal_embeddings),
+                  forced_bos_token_id=t.get("forced_bos_token_id"),  # absent means "not forced"
+                  forced_eos_token_id=t.get("forced_eos_token_id"))
+    if v.get("projection_dim", cfg.d_model) != cfg.d_model:
+        raise ValueError(f"vision projection_dim {v['projection_dim']} != text d_model {cfg.d_model}")
+    return cfg
+
+
+# transformers name -> our name, applied in order
+HF_NAME_RULES = [
+    (r"^model\.vision_tower\.", "vision_tower."),
+    (r"\.(window|channel)_attn\.", ".attn."),
+    (r"^model\.multi_modal_projector\.image_projection\.", "projector.proj."),
+    (r"^model\.multi_modal_projector\.image_proj_norm\.", "projector.norm."),
+    (r"^model\.multi_modal_projector\.image_position_embed\.row_embeddings\.", "projector.row_embed."),
+    (r"^model\.multi_modal_projector\.image_position_embed\.column_embeddings\.", "projector.col_embed."),
+    (r"^model\.language_model\.shared\.", "embed_tokens."),
+    (r"^model\.language_model\.", ""),
+    (r"\.layers\.(\d+)\.fc([12])\.", r".layers.\1.ffn.fc\2."),
+]
+HF_TIED = ("lm_head.weight", "model.language_model.encoder.embed_tokens.weight",
+           "model.language_model.decoder.embed_tokens.weight")  # copies of the shared token embedding
+HF_DERIVED = ("model.multi_modal_projector.visual_temporal_embed.pos_idx_to_embed",)  # a fixed sinusoid table
+
+
+def hf_state_dict_to_ours(hf, ours):
+    out = {}
+    for name, tensor in hf.items():
+        if name in HF_DERIVED:
+            continue
+        if name in HF_TIED:
+            if "embed_tokens.weight" in out and not torch.equal(out["embed_tokens.weight"], tensor):
+                raise ValueError(f"{name} differs from the token embedding: untied heads are not supported")
+            out["embed_tokens.weight"] = tensor
+            continue
+        for pattern, repl in HF_NAME_RULES:
+            name = re.sub(pattern, repl, name)
+        out[name] = tensor
+    unexpected, missing = sorted(set(out) - set(ours)), sorted(set(ours) - set(out))
+    if unexpected or missing:
+        raise ValueError(f"checkpoint does not match the config: {len(unexpected)} unexpected keys "
+                         f"{unexpected[:5]}, {len(missing)} missing keys {missing[:5]}")
+    wrong = [f"{k}: {tuple(out[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items() if out[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"checkpoint shapes do not match the config: {wrong[:5]}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
 # 9. Task data: every task's target text from a Shapes-world sample, and a reader for real annotations
 #
 # Florence-2 trains on (image, task, input, target) tuples drawn from one annotation set per image (FLD-5B).
@@ -1332,8 +1319,8 @@ class TaskFile(data.ImageTextFile):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 10. Training: the stage protocol that train.py drives (CONFIGS, TRAIN, build_*, collate, compute_loss,
-# evaluate), the CPU toy's training aids, and the metrics of each task family
+# 10. The training stage: the protocol that train.py drives (CONFIGS, TRAIN, build_vocab, build_model,
+# build_datasets, collate, compute_loss; evaluate is in section 12). The toy's aids are in section 11.
 
 
 @dataclass
@@ -1398,9 +1385,10 @@ TRAIN = {
 }
 
 
-def build_tokenizer(cfg: StageConfig):
+def build_vocab(cfg: StageConfig):
+    """The stage's text side: the toy's byte tokenizer, or BART's from a folder with the coordinate tokens added."""
     if cfg.tokenizer in ("bytes", "bytes+shapes"):
-        return ByteTokenizer(SHAPES_WORDS if cfg.tokenizer == "bytes+shapes" else ())
+        return ByteTokenizer(SHAPES_WORD_TOKENS if cfg.tokenizer == "bytes+shapes" else ())
     folder = cfg.tokenizer or cfg.pretrained
     if not folder:
         raise ValueError("config field 'tokenizer' is empty: pass --tokenizer=bytes, --tokenizer=bytes+shapes or "
@@ -1466,14 +1454,6 @@ def build_datasets(cfg: StageConfig, seed: int, skip_bad: bool = False):
             TaskFile(cfg.val_data, root, skip_bad) if cfg.val_data else None)
 
 
-def preprocess(image, size):
-    """The released processor's image path: RGB (transparency composited onto white), resized to size x size
-    (the aspect ratio is not kept: boxes are relative to the image, so they are unchanged), bicubic,
-    ImageNet-normalised -> (3, size, size)."""
-    image = data.to_rgb(image)  # before resizing: a resize must not mix in the colours hidden under alpha 0
-    return data.to_tensor(image.resize((size, size), Image.BICUBIC), data.IMAGENET_MEAN, data.IMAGENET_STD)
-
-
 def prompt_text(task, text_input, style):
     """The encoder's text for a task: the released sentence ("text"), or the task token then its input."""
     sentence = task_prompt(task, text_input)  # also checks the task and its input
@@ -1524,11 +1504,15 @@ def compute_loss(model, batch):
     return cell_head_losses(loss, cells, batch)
 
 
-# -- The CPU toy's training aids -------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
+# 11. The CPU toy's training aids
+#
 # Not Florence-2's: what a 2-million-parameter model trained from scratch for minutes on a CPU needs to learn
-# the 15-task Shapes-world mixture. Each is a StageConfig field, on in the "toy" config, off in "base" and
-# "large"; the cell heads are off for real data and released weights too (aid_on). What fails without each,
-# and the runs that chose it: docs/florence2-toy.md.
+# the 15-task Shapes-world mixture. Each is a config field, on in the "toy" configs (the stem in MODELS, the rest
+# in CONFIGS) and off in "base" and "large"; the cell heads are off for real data and released weights too
+# (aid_on). What fails without each, and the runs that chose it: docs/florence2-toy.md.
+#   stem             a BatchNorm conv stem makes DaViT's first map (Stem): attention blocks trained from scratch
+#                    need far more samples to learn shape than a CPU gives in minutes
 #   loc_sigma        a coordinate's target is a Gaussian over the bins (std 20 bins = 1.9 px at 96 px), not one
 #                    bin: each pixel spans ~10 bins, and one-hot targets treat a 1-bin miss like a 500-bin miss
 #   label_smoothing  trained to put no probability on "circle" after "orange", the decoder never names a
@@ -1539,6 +1523,16 @@ def compute_loss(model, batch):
 #                    shape, so the map codes them apart and a held-out pair's colour reads as a seen one's
 #   early_*, late_*  <OCR> twice as often at first, so the decoder learns to look at the words; a late phase of
 #                    mostly the tasks that name an object by its words, which teaches the text side to find it
+
+
+class Stem(coswin.ConvStem):
+    """The CPU toy's stage-1 embedding (DaViTConfig.stem), not the paper's: CoSwin's BatchNorm conv stem (3x3
+    convs, a 2x2 max pool after each width, then LayerNorm) in place of the 7x7 stride-4 conv. A transformer
+    needs many samples to learn shape from patches; early convolutions make it sample-efficient (Xiao et al.,
+    2021), which is what a CPU toy trained for minutes needs."""
+
+    def forward(self, x):  # (B, C_in, H, W) -> (B, C, H / 2^k, W / 2^k)
+        return super().forward(x).permute(0, 3, 1, 2)
 
 
 def aid_on(cfg: StageConfig, weight: float):
@@ -1566,11 +1560,17 @@ class ToyFlorence2(Florence2):
     it, so that a seed gives the same initial model with or without the attribute head."""
 
     def __init__(self, cfg: Florence2Config, word_classes=0, attr_classes=0):
-        super().__init__(cfg, init_text=False)
+        self._text_init_waits = True  # a plain attribute, which nn.Module allows before its __init__
+        super().__init__(cfg)  # its closing init_text_weights() waits (below) until the word head is drawn
         width = cfg.vision.embed_dims[-1]
         self.word_head = nn.Linear(width, word_classes) if word_classes else None
+        self._text_init_waits = False
         self.init_text_weights()
         self.attr_head = nn.Linear(width, attr_classes) if attr_classes else None
+
+    def init_text_weights(self):
+        if not self._text_init_waits:
+            super().init_text_weights()
 
     def forward(self, pixel_values, input_ids, decoder_input_ids, attention_mask=None, answer_lengths=None,
                 groups=4, cells=False):
@@ -1684,15 +1684,16 @@ def cross_entropy_or_zero(logits, target):  # a batch may hold no word: then a z
     return F.cross_entropy(logits, target) if len(target) else logits.sum() * 0
 
 
-# -- metrics, one per task family, on post-processed answers (the structures users get) ------------------
+# ----------------------------------------------------------------------------------------------------
+# 12. Evaluation: one metric per task family, on post-processed answers (the structures users get)
 
 
-def box_iou(a, b):
-    """IoU of two boxes (x0, y0, x1, y1)."""
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
-    return w * h / union if union > 0 else 0.0
+def pixel_box_iou(boxes1, boxes2):
+    """data.box_iou of two lists of post-processed boxes (integer pixels) -> (N, M) float64: exact on integers, so
+    an IoU of exactly 0.5 meets the 0.5 threshold (float32 can round 0.49999999 up on large images). A pair whose
+    union is not positive (a box written with its corners swapped has a negative area) gets 0, not NaN."""
+    as_tensor = lambda boxes: torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)  # noqa: E731
+    return data.box_iou(as_tensor(boxes1), as_tensor(boxes2)).nan_to_num(0.0)
 
 
 def mean_average_precision(predictions, truths, iou_threshold=0.5):
@@ -1711,7 +1712,7 @@ def mean_average_precision(predictions, truths, iou_threshold=0.5):
                             for rank, (lbl, box) in enumerate(boxes) if lbl == label)
         hits = []
         for _, i, box in detections:
-            ious = [0.0 if taken[i][j] else box_iou(box, g) for j, g in enumerate(gts[i])]
+            ious = [0.0 if taken[i][j] else iou for j, iou in enumerate(pixel_box_iou([box], gts[i])[0].tolist())]
             j = max(range(len(ious)), key=ious.__getitem__, default=None)
             hits.append(j is not None and ious[j] >= iou_threshold)
             if hits[-1]:
@@ -1759,7 +1760,7 @@ def score(task, preds, truths, sizes):
         return mean_average_precision([list(zip(p["labels"], p["bboxes"])) for p in preds],
                                       [list(zip(t["labels"], t["bboxes"])) for t in truths])
     if task == "<CAPTION_TO_PHRASE_GROUNDING>":  # RefCOCO accuracy: the first box against the referred box
-        return sum(bool(p["bboxes"] and t["bboxes"]) and box_iou(p["bboxes"][0], t["bboxes"][0]) >= 0.5
+        return sum(bool(p["bboxes"] and t["bboxes"]) and pixel_box_iou(p["bboxes"][:1], t["bboxes"][:1]).item() >= 0.5
                    for p, t in zip(preds, truths)) / len(truths)
     if task == "<REFERRING_EXPRESSION_SEGMENTATION>":  # the mean over examples of the mask IoU
         every = lambda answer: [polygon for instance in answer["polygons"] for polygon in instance]  # noqa: E731
@@ -1787,7 +1788,6 @@ def generate_answers(model, tokenizer, examples, size, style, max_new_tokens, ba
     return out
 
 
-@torch.no_grad()
 def evaluate(model, val, tokenizer, cfg: StageConfig):
     """Greedy generation on the val set, then the metric of each task family on the post-processed answers:
     caption exact match, OD mAP@0.5, grounding accuracy at IoU 0.5 (a referring expression in, its box out),
@@ -1795,8 +1795,6 @@ def evaluate(model, val, tokenizer, cfg: StageConfig):
     are in the training mixture (OCR only when it has words); a .jsonl val row is asked its own task. Caption exact
     match is also given apart for the val images with and without a colour-shape pair held out of training
     (caption_em_heldout, caption_em_seen): naming those is zero-shot composition."""
-    was_training = model.training
-    model.eval()
     examples = []  # (image, task, text input, target, has a held-out composition: None for .jsonl rows)
     tasks = cfg.tasks.split(",")
     for i in range(len(val)):
@@ -1828,12 +1826,11 @@ def evaluate(model, val, tokenizer, cfg: StageConfig):
                 sub = [j for j, k in enumerate(idx) if examples[k][4] is held]
                 if sub:
                     metrics[name] = score(task, [preds[j] for j in sub], [truths[j] for j in sub], None)
-    model.train(was_training)
     return metrics
 
 
 # ----------------------------------------------------------------------------------------------------
-# 11. Command line: one image with its answer drawn (--image), or a folder labelled into JSON lines or a COCO
+# 13. Command line: one image with its answer drawn (--image), or a folder labelled into JSON lines or a COCO
 # file (--images), in batches, resumably: python florence2.py --ckpt PATH --images DIR --task '<OD>'
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -1847,17 +1844,11 @@ def load_for_inference(path):
     if os.path.isdir(path):
         return (Florence2.from_pretrained(path), BartTokenizer.from_pretrained(path), "text",
                 image_size(StageConfig(pretrained=path)))
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"--ckpt {path!r}: no such file or folder")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated, or holding more than tensors and containers
-        raise ValueError(f"--ckpt {path!r}: cannot read it as a checkpoint ({type(e).__name__})") from None
-    stage = ckpt.get("train_config", {}).get("stage") if isinstance(ckpt, dict) else None
-    if stage != "florence2":
-        raise ValueError(f"--ckpt {path!r} is not a train.py checkpoint of the florence2 stage (stage: {stage!r})")
+    ckpt = coswin.read_checkpoint(path, "--ckpt", "florence2")
     cfg = StageConfig(**ckpt["stage_config"])
-    tokenizer = build_tokenizer(cfg)
+    tokenizer = build_vocab(cfg)
     model = build_model(cfg, tokenizer)
     model.load_state_dict(ckpt["model"])
     return model.eval(), tokenizer, cfg.prompt, image_size(cfg)
@@ -1971,26 +1962,25 @@ def clock(seconds):  # 3725.2 -> "1:02:05"
 
 
 def labels_to_coco(records, folder):
-    """Lines of one box task -> a COCO instances dict, as dyhead.read_coco and dyhead.CocoImages read it (file
-    names relative to `folder`, the COCO file's): one category per label name, sorted, ids from 1 (an unnamed
-    region proposal is an "object"); one annotation per box, corners put in order, empty boxes left out. An answer
-    has no confidences, so a box's score is 1 / (1 + its place in the answer), the ranking mean_average_precision
-    uses: the annotations double as a results list for dyhead.coco_eval against a ground-truth file."""
+    """Lines of one box task -> a COCO instances dict (data.coco_instances), as dyhead.read_coco and dyhead.CocoImages
+    read it (file names relative to `folder`, the COCO file's): one category per label name, sorted, ids from 1 (an
+    unnamed region proposal is an "object"); one annotation per box, corners put in order, empty boxes left out. An
+    answer has no confidences, so a box's score is 1 / (1 + its place in the answer), the ranking
+    mean_average_precision uses: the annotations double as a results list for dyhead.coco_eval against a
+    ground-truth file."""
     labels = lambda answer: answer.get("labels", answer.get("bboxes_labels", []))  # noqa: E731
     names = sorted({name or "object" for r in records for name in labels(r["answer"])})
     category = {name: k for k, name in enumerate(names, 1)}
-    images, annotations = [], []
-    for image_id, r in enumerate(records, 1):
-        images.append({"id": image_id, "file_name": os.path.relpath(os.path.abspath(r["file"]), folder),
-                       "width": r["width"], "height": r["height"]})
+    images, objects = [], []
+    for r in records:
+        images.append({"file_name": os.path.relpath(os.path.abspath(r["file"]), folder), "width": r["width"],
+                       "height": r["height"]})
+        objects.append([])
         for place, (box, name) in enumerate(zip(r["answer"]["bboxes"], labels(r["answer"]))):
             x0, y0, x1, y1 = min(box[0], box[2]), min(box[1], box[3]), max(box[0], box[2]), max(box[1], box[3])
             if x1 > x0 and y1 > y0:
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                    "category_id": category[name or "object"], "bbox": [x0, y0, x1 - x0, y1 - y0],
-                                    "area": (x1 - x0) * (y1 - y0), "iscrowd": 0, "score": 1 / (1 + place)})
-    return {"images": images, "annotations": annotations,
-            "categories": [{"id": k, "name": name} for name, k in category.items()]}
+                objects[-1].append(((x0, y0, x1, y1), category[name or "object"], {"score": 1 / (1 + place)}))
+    return data.coco_instances(images, objects, [{"id": k, "name": name} for name, k in category.items()])
 
 
 def write_json(obj, path):

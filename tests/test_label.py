@@ -158,8 +158,9 @@ def test_coco_file_is_read_by_the_detector_and_scores_the_true_boxes(ckpt, shape
     # the true boxes as ground truth (image ids 1.. in the file's order, category ids 1.. in name order) and the
     # file's annotations as results: every true box found at IoU 0.5
     files = [os.path.basename(im["file_name"]) for im in sorted(coco["images"], key=lambda im: im["id"])]
-    gt = dyhead.coco_ground_truth([[(o["box"], cats.index(o["category"])) for o in samples[f]["objects"]]
-                                   for f in files], [(96, 96)] * len(files), len(cats))
+    truths = [[(o["box"], cats.index(o["category"]) + 1) for o in samples[f]["objects"]] for f in files]
+    gt = data.coco_instances([{"width": 96, "height": 96}] * len(files), truths,
+                             [{"id": k} for k in range(1, len(cats) + 1)])
     stats = dyhead.coco_eval(gt, coco["annotations"])
     assert stats["AP50"] == pytest.approx(1.0)
 
