@@ -32,8 +32,8 @@ import data
 # 1. The text encoder (RoBERTa, Liu et al. 2019, arXiv:1907.11692, which keeps BERT's architecture, Devlin et al. 2019).
 # A token's embedding is the sum of its word, position and token-type embeddings, then LayerNorm. Positions are learned
 # and, as in fairseq's RoBERTa, count from the padding index: the first real token has position pad + 1 and padding
-# tokens all sit at pad (RoBERTa's pad token id, 1). Each layer is post-LN: x = LN(x + Attn(x)), x = LN(x + FFN(x)), GELU inside
-# the FFN. The attention of every query ignores padded keys.
+# tokens all sit at pad (RoBERTa's pad token id, 1). Each layer is post-LN: x = LN(x + Attn(x)), x = LN(x + FFN(x)),
+# GELU inside the FFN. The attention of every query ignores padded keys.
 
 @dataclass
 class TextConfig:
@@ -84,20 +84,11 @@ class PostNormBlock(nn.Module):
         return self.norm(x + self.drop(branch))
 
 
-class FeedForward(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, BERT's "gelu"
-
-
 class EncoderLayer(nn.Module):
     def __init__(self, dim, heads, ffn, eps=1e-5, dropout=0.0):
         super().__init__()
         self.attn, self.attn_norm = Attention(dim, heads, dropout), PostNormBlock(dim, eps, dropout)
-        self.ffn, self.ffn_norm = FeedForward(dim, ffn), PostNormBlock(dim, eps, dropout)
+        self.ffn, self.ffn_norm = coswin.Mlp(dim, ffn), PostNormBlock(dim, eps, dropout)  # exact GELU, as BERT
 
     def forward(self, x, mask):
         x = self.attn_norm(x, self.attn(x, x, mask))
@@ -218,7 +209,7 @@ class CoAttentionLayer(nn.Module):
         d, eps = cfg.width, 1e-12  # METER's BertConfig eps
         self.self_attn, self.self_norm = Attention(d, cfg.heads, cfg.dropout), PostNormBlock(d, eps, cfg.dropout)
         self.cross_attn, self.cross_norm = Attention(d, cfg.heads, cfg.dropout), PostNormBlock(d, eps, cfg.dropout)
-        self.ffn, self.ffn_norm = FeedForward(d, cfg.ffn), PostNormBlock(d, eps, cfg.dropout)
+        self.ffn, self.ffn_norm = coswin.Mlp(d, cfg.ffn), PostNormBlock(d, eps, cfg.dropout)
 
     def forward(self, x, x_mask, other, other_mask):
         x = self.self_norm(x, self.self_attn(x, x, x_mask))
@@ -247,7 +238,8 @@ class MeterConfig:
     fusion: FusionConfig = None
     tokenizer: str = "shapes"    # a data.get_tokenizer name: one token per word of the Shapes world, as BPE would give
     context_length: int = 32     # text tokens, begin and end included; longer questions are truncated (and counted)
-    init_from: str = ""          # a train.py checkpoint: UniCL (its image tower) or vqa_pretrain (all but the heads)
+    init_from: str = ""          # a train.py checkpoint: UniCL (its image tower) or vqa_pretrain (all but the heads);
+                                 # "" or "none": none
     freeze_stem: bool = True     # with init_from: the toy tower's conv stem is not fine-tuned (see build_model)
     roberta: str = ""            # a transformers RoBERTa folder for the text encoder (its tokenizer is not included)
     # learning rates relative to the fusion's (train.py's --lr): METER fine-tunes its pretrained encoders at 1/5 of it
@@ -273,6 +265,11 @@ class MeterConfig:
     def __post_init__(self):  # a checkpoint's stage_config holds the nested configs as dicts
         self.text = TextConfig(**self.text) if isinstance(self.text, dict) else (self.text or TextConfig())
         self.fusion = FusionConfig(**self.fusion) if isinstance(self.fusion, dict) else (self.fusion or FusionConfig())
+
+    @property
+    def init_path(self) -> str:
+        """The checkpoint init_from names, "" for none."""
+        return "" if self.init_from.lower() in ("", "none") else self.init_from
 
 
 class Meter(nn.Module):
@@ -310,24 +307,13 @@ class Meter(nn.Module):
                                           nn.Linear(d, cfg.text.vocab_size))
         fresh = [m for name, m in self.named_children() if name not in ("image_encoder",)]
         for module in fresh:
-            module.apply(self._init_weights)  # BERT's init; CoSwin keeps its own
+            module.apply(coswin.bert_init)  # BERT's init; CoSwin keeps its own
         if self.image_pos is not None:
             nn.init.normal_(self.image_pos, std=cfg.image_pos_std)
 
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
-                nn.init.zeros_(m.weight[m.padding_idx])
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
     def fuse(self, images, input_ids, attention_mask):
-        """-> (fused text tokens (B, T, d), fused image tokens (B, N, d), pooled pair (B, 2d))."""
+        """-> (fused text tokens (B, T, d), fused image tokens (B, N, d), pooled pair (B, 2d), [the text tokens after
+        each co-attention layer (B, T, d)], the last of which is the first output)."""
         fmap = self.image_encoder.forward_features(images)[-1]                    # (B, C, h, w)
         y = self.image_proj(fmap.flatten(2).transpose(1, 2))                      # (B, N = h*w, d)
         if self.image_pos is not None:  # the learned grid, resized to this map
@@ -338,13 +324,19 @@ class Meter(nn.Module):
         y = y + self.modality_embed.weight[1]
         x_mask = attention_mask.bool()
         y_mask = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
+        texts = []
         for text_layer, image_layer in zip(self.text_layers, self.image_layers):
             x, y = text_layer(x, x_mask, y, y_mask), image_layer(y, y_mask, x, x_mask)  # both from the last layer
+            texts.append(x)
         pooled = torch.cat([self.text_pooler(x[:, 0]), self.image_pooler(y.mean(1))], dim=-1)  # (B, 2d)
-        return x, y, pooled
+        return x, y, pooled, texts
 
     def forward(self, images, input_ids, attention_mask, mlm_labels=None):
-        x, y, pooled = self.fuse(images, input_ids, attention_mask)
+        x, _, pooled, _ = self.fuse(images, input_ids, attention_mask)
+        return self.head_outputs(x, pooled, mlm_labels)
+
+    def head_outputs(self, x, pooled, mlm_labels=None):
+        """The task's heads on the fused text tokens x (B, T, d) and the pooled pair (B, 2d)."""
         if self.cfg.task == "vqa":
             return {"vqa": self.vqa_head(pooled)}
         out = {"itm": self.itm_head(pooled)}
@@ -610,6 +602,7 @@ def soft_targets(answers: list[str], vocab_index: dict) -> torch.Tensor:
 # 5. The stage that `python train.py --stage vqa` (fine-tuning) and `--stage vqa_pretrain` (ITM + MLM) drive.
 
 TOY_TEXT = TextConfig()
+TOY_TOWER = "out_u/ckpt.pt"  # the README's UniCL toy run
 TOY_FUSION = FusionConfig()
 ROBERTA_BASE = TextConfig(vocab_size=50265, width=768, layers=12, heads=12, ffn=3072, max_positions=514, pad_token_id=1,
                           position_pad=1, type_vocab_size=1, layer_norm_eps=1e-5, dropout=0.1)
@@ -617,16 +610,17 @@ CONFIGS = {
     # CPU toy at 64 px: the first two stages of the UniCL toy's CoSwin (8 x 8, then 4 x 4 tokens of 96 channels) with
     # learned positions on the 16 image tokens, initialised strong (std 0.5: ~60% of a projected token's norm, so that
     # cells differ from the first step, as a pretrained ViT's positions do); a 2-layer word-level text encoder of width
-    # 96; 2 co-attention layers of width 128 per modality; the grounding aid of section 6
+    # 96; 2 co-attention layers of width 128 per modality; the grounding aid of section 6. The image tower starts from
+    # the UniCL toy's (README: `python train.py --max_iters=2400 --out_dir=out_u`); from random weights the toy
+    # reaches VQA accuracy ~0.55, not ~0.93 (docs/vqa-toy.md)
     "toy": MeterConfig(image_stages=2, image_positions=4, image_pos_std=0.5, text=TOY_TEXT, fusion=TOY_FUSION,
-                       ground_weight=1.0),
+                       init_from=TOY_TOWER, ground_weight=1.0),
     # the paper's: CoSwin-H, RoBERTa-base, 6 co-attention layers of width 768 (Florence section 2.5; METER section 4)
     "florence": MeterConfig(image_encoder="H", img_size=384, text=ROBERTA_BASE, tokenizer="bytes", context_length=40,
                             fusion=FusionConfig(width=768, layers=6, heads=12, ffn=3072, dropout=0.1),
                             image_lr_mult=0.2, text_lr_mult=0.2, head_lr_mult=10.0,
                             data="", train_size=0, val_size=0),
 }
-STAGE_TASKS = {"vqa": "vqa", "vqa_pretrain": "pretrain"}  # train.py --stage -> MeterConfig.task
 PAPER_ANSWERS = 3129  # METER's VQAv2 answer vocabulary
 
 TRAIN = {
@@ -637,7 +631,7 @@ TRAIN = {
 
 
 class Vocab:
-    """What meter's "tokenizer" holds: the text tokenizer (with a mask token for MLM) and the answer vocabulary."""
+    """What build_vocab gives: the text tokenizer (with a mask token for MLM) and the answer vocabulary."""
 
     def __init__(self, text: data.Tokenizer, answers: list[str]):
         self.text, self.answers = text, list(answers)
@@ -657,12 +651,12 @@ _VQAV2_CACHE = {}
 
 def _vqav2(path, annotations, root, skip_bad=False):
     key = (path, annotations, root, skip_bad)
-    if key not in _VQAV2_CACHE:  # build_tokenizer (the vocabulary) and build_datasets read the same files
+    if key not in _VQAV2_CACHE:  # build_vocab (the answers) and build_datasets read the same files
         _VQAV2_CACHE[key] = VQAv2(path, annotations, root, skip_bad)
     return _VQAV2_CACHE[key]
 
 
-def build_tokenizer(cfg: MeterConfig) -> Vocab:
+def build_vocab(cfg: MeterConfig) -> Vocab:
     text = data.get_tokenizer(cfg.tokenizer).add_special_tokens(["<|mask|>"])
     if text.n_vocab > cfg.text.vocab_size:
         raise ValueError(f"tokenizer {cfg.tokenizer!r} has {text.n_vocab} ids, the text encoder's table "
@@ -673,14 +667,21 @@ def build_tokenizer(cfg: MeterConfig) -> Vocab:
 
 
 def build_model(cfg: MeterConfig, vocab: Vocab) -> Meter:
-    model = Meter(cfg, len(vocab.answers))
-    if cfg.ground_weight and cfg.task == "vqa" and cfg.data == "shapes":  # its targets need the world's objects
-        model.ground_aid = GroundingAid(model)
+    """The paper's Meter, or ToyMeter (section 6) when the grounding aid is on: on the Shapes world's VQA only, whose
+    objects give its targets."""
+    init_from = cfg.init_path
+    if init_from and cfg.image_encoder == "toy" and not os.path.isfile(init_from):  # say so before any training
+        raise FileNotFoundError(
+            f"--init_from {init_from!r}: no such file. The toy starts from the UniCL toy's image tower: make it first "
+            f"with `python train.py --max_iters=2400 --out_dir=out_u` (7-13 min on 2 cores), or pass --init_from=none "
+            f"to train the tower from random weights (VQA accuracy ~0.55 instead of ~0.93).")
+    toy = cfg.ground_weight > 0 and cfg.task == "vqa" and cfg.data == "shapes"
+    model = (ToyMeter if toy else Meter)(cfg, len(vocab.answers))
     if cfg.roberta:
         _, weights = load_roberta_folder(cfg.roberta)
         model.text_encoder.load_state_dict(weights)
-    if cfg.init_from:
-        load_init(model, cfg.init_from, cfg)
+    if init_from:
+        load_init(model, init_from, cfg)
         # A CPU-toy aid (the paper's CoSwin has no stem): the toy tower's conv stem, which sees the full 64 px image,
         # costs about half of a training step (its backward most); pretrained on this world, it is kept as it is.
         if cfg.freeze_stem and coswin.CONFIGS[cfg.image_encoder].stem:
@@ -690,9 +691,8 @@ def build_model(cfg: MeterConfig, vocab: Vocab) -> Meter:
 
 def load_init(model: Meter, path, cfg: MeterConfig):
     """--init_from: a UniCL checkpoint gives the image tower; a vqa_pretrain checkpoint gives everything but the heads."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
-    stage = (ckpt or {}).get("train_config", {}).get("stage")
-    if stage != "vqa_pretrain":
+    ckpt = coswin.read_checkpoint(path, "--init_from", ("unicl", "vqa_pretrain"))
+    if ckpt["train_config"]["stage"] == "unicl":
         coswin.load_unicl_tower(model.image_encoder, path, cfg.image_encoder)
         return
     heads = ("itm_head.", "mlm_head.", "vqa_head.", "ground_aid.")
@@ -789,8 +789,9 @@ def collate(samples, vocab: Vocab, cfg: MeterConfig, rngs=None, progress=None):
     input_ids, mask, _ = encode_texts([q["question"] for q in questions], vocab, cfg)
     targets = torch.stack([soft_targets(q["answers"], vocab.answer_index) for q in questions])  # (B, answers)
     batch = {"images": images, "input_ids": input_ids, "attention_mask": mask, "targets": targets}
-    if cfg.ground_weight and all("objects" in s for s in samples):  # the toy's aid (section 6)
+    if cfg.ground_weight > 0 and all("objects" in s for s in samples):  # ToyMeter's grounding aid (section 6)
         batch["ground_cells"] = ground_targets(questions, samples, input_ids.shape[1], vocab, cfg.image_positions)
+        batch["ground_weight"] = torch.tensor(float(cfg.ground_weight))
     return batch
 
 
@@ -816,12 +817,11 @@ def collate_pretrain(samples, images, vocab, cfg, rngs):
 
 def compute_loss(model, batch):
     if "targets" in batch:  # VQA: binary cross entropy against the soft scores, summed over answers (METER)
-        logits = model(batch["images"], batch["input_ids"], batch["attention_mask"])["vqa"].float()
-        loss = F.binary_cross_entropy_with_logits(logits, batch["targets"]) * batch["targets"].shape[1]
-        aid = getattr(getattr(model, "module", model), "ground_aid", None)  # DDP wraps the model in .module
-        if aid is not None and "ground_cells" in batch:
-            ground = aid.loss(batch["ground_cells"])
-            return loss + aid.weight * ground, {"vqa_bce": loss.item(), "ground": ground.item()}
+        out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        loss = F.binary_cross_entropy_with_logits(out["vqa"].float(), batch["targets"]) * batch["targets"].shape[1]
+        if "ground" in out and "ground_cells" in batch:  # ToyMeter's grounding aid (section 6)
+            ground = ground_loss(out["ground"], batch["ground_cells"])
+            return loss + batch["ground_weight"] * ground, {"vqa_bce": loss.item(), "ground": ground.item()}
         return loss, {"vqa_bce": loss.item()}
     out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["mlm_labels"])
     itm = F.cross_entropy(out["itm"].float(), batch["itm_labels"])
@@ -845,13 +845,8 @@ def answer(model, vocab: Vocab, cfg: MeterConfig, images, questions, batch_size=
     return out
 
 
-@torch.no_grad()
 def evaluate(model, val, vocab: Vocab, cfg: MeterConfig):
-    was_training = model.training
-    model.eval()
-    metrics = evaluate_vqa(model, val, vocab, cfg) if cfg.task == "vqa" else evaluate_pretrain(model, val, vocab, cfg)
-    model.train(was_training)
-    return metrics
+    return evaluate_vqa(model, val, vocab, cfg) if cfg.task == "vqa" else evaluate_pretrain(model, val, vocab, cfg)
 
 
 def evaluate_vqa(model, val, vocab, cfg):
@@ -899,29 +894,35 @@ def evaluate_pretrain(model, val, vocab, cfg):
 # Why: a position question ("is the red circle left of the blue star?") needs each object's words to fetch where
 # their object is in the first fusion layer, so that the second can compare subject and object. Trained from scratch,
 # nothing makes a word fetch anything: the answer only rewards fetching once the comparison exists, and the comparison
-# only once words fetch, so position stays at chance (docs/vqa-toy.md, "Position: the cause and the grounding aid").
+# only once words fetch, so position stays at chance (docs/vqa-toy.md, "Why position needs the aid").
 # METER's words come from a RoBERTa and its image tokens from a ViT pretrained on millions of pairs; here a linear head
 # on the first fusion layer's text tokens predicts the image-map cell of the object each named phrase refers to, beside
-# the VQA loss.
+# the VQA loss (weighted by ground_weight; collate adds the targets, compute_loss the loss).
 
-class GroundingAid(nn.Module):
-    """Keeps the cell logits (B, T, cells) of the first text fusion layer's outputs at each forward pass."""
+class ToyMeter(Meter):
+    """Meter with the grounding aid's head: forward adds "ground", the cell logits (B, T, image_positions ** 2) of
+    the first co-attention layer's text tokens, to the heads' outputs (computed in forward, so that DDP syncs the
+    head's gradients as any other weight's)."""
 
-    def __init__(self, model: Meter):
-        super().__init__()
-        if not model.cfg.image_positions:
+    def __init__(self, cfg: MeterConfig, num_answers: int = 0):
+        super().__init__(cfg, num_answers)
+        if not cfg.image_positions:
             raise ValueError("ground_weight needs image_positions: the aid names cells of that grid")
-        self.weight, self.logits = model.cfg.ground_weight, None
-        self.head = nn.Linear(model.cfg.fusion.width, model.cfg.image_positions ** 2)
-        model.text_layers[0].register_forward_hook(lambda layer, inputs, x: setattr(self, "logits", self.head(x)))
+        # drawn after Meter's weights, PyTorch's default init; saved as ground_aid.head.*, which load_init skips
+        self.ground_aid = nn.ModuleDict({"head": nn.Linear(cfg.fusion.width, cfg.image_positions ** 2)})
 
-    def loss(self, cells):
-        """Cross entropy over the tokens with a cell (cells (B, T), -100 elsewhere), averaged over every process's
-        such tokens (each holds a different number); logits.sum() * 0 keeps the head in the backward pass if none."""
-        logits, self.logits = self.logits, None
-        named = cells != -100
-        count = coswin.per_process_share(named.sum().float()).clamp(min=1.0)
-        return F.cross_entropy(logits[named].float(), cells[named], reduction="sum") / count + logits.sum() * 0.0
+    def forward(self, images, input_ids, attention_mask, mlm_labels=None):
+        x, _, pooled, texts = self.fuse(images, input_ids, attention_mask)
+        return {**self.head_outputs(x, pooled, mlm_labels), "ground": self.ground_aid.head(texts[0])}
+
+
+def ground_loss(logits, cells):
+    """Cross entropy of the cell logits (B, T, cells) over the tokens with a cell (cells (B, T), -100 elsewhere),
+    averaged over every process's such tokens (each holds a different number); logits.sum() * 0 keeps the head in the
+    backward pass if there are none."""
+    named = cells != -100
+    count = coswin.per_process_share(named.sum().float()).clamp(min=1.0)
+    return F.cross_entropy(logits[named].float(), cells[named], reduction="sum") / count + logits.sum() * 0.0
 
 
 def ground_targets(questions, samples, T, vocab: Vocab, grid):

@@ -1,5 +1,5 @@
 """Where do the toy METER's answers on images with a held-out colour-shape pair go wrong? Probes, not tests
-(docs/vqa-toy.md, "Where the held-out answers go wrong").
+(docs/vqa-toy.md, "What limits it").
 
     python experiments/probe_vqa_heldout.py answers out_vqa/ckpt.pt       # right answers per type, by whether the question
                                                                    # names the held-out object (its colour or shape)
@@ -31,18 +31,18 @@ def load(path):
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt.get("train_config", {}).get("stage") == "vqa":
         cfg = meter.MeterConfig(**{**ckpt["stage_config"], "init_from": ""})
-        model = meter.build_model(cfg, meter.build_tokenizer(cfg))
+        model = meter.build_model(cfg, meter.build_vocab(cfg))
         model.load_state_dict(ckpt["model"])
     else:
         cfg = dataclasses.replace(meter.CONFIGS["toy"], init_from=path)
-        model = meter.build_model(cfg, meter.build_tokenizer(cfg))
+        model = meter.build_model(cfg, meter.build_vocab(cfg))
     return model.eval(), cfg
 
 
 @torch.no_grad()
 def answers(path):
     model, cfg = load(path)
-    vocab = meter.build_tokenizer(cfg)
+    vocab = meter.build_vocab(cfg)
     val = meter.ShapesVQA("val", cfg.img_size, 2000, seed=0)
     rows = [(val.world[i], val[i]) for i in range(len(val))]
     predicted = meter.answer(model, vocab, cfg, [s["image"] for _, s in rows],
@@ -105,7 +105,7 @@ def frozen(rest):
 
     def build_frozen(cfg, vocab):
         model = build(cfg, vocab)
-        if cfg.init_from:
+        if cfg.init_path:
             model.freeze(model.image_encoder)
         return model
     meter.build_model = build_frozen

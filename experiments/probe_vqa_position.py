@@ -1,5 +1,5 @@
 """Why does the toy METER answer position questions ("is the red circle left of the blue star?") at chance? Probes, not
-tests (docs/vqa-toy.md, "Why position stayed at chance").
+tests (docs/vqa-toy.md, "Why position needs the aid").
 
     python experiments/probe_vqa_position.py oracle                  # text encoder + fusion on oracle image tokens
     python experiments/probe_vqa_position.py oracle --absolute       # ... answer: is the subject in the left / top half?
@@ -95,7 +95,7 @@ def oracle(args):
         meter.CoAttentionLayer.forward, meter.EncoderLayer.forward = co_forward, enc_forward
     cfg = dataclasses.replace(meter.CONFIGS["toy"], image_positions=args.grid, image_pos_std=0.02, ground_weight=0.0,
                               fusion=meter.FusionConfig(layers=args.layers))
-    vocab = meter.build_tokenizer(cfg)
+    vocab = meter.build_vocab(cfg)
     types = set(meter.QUESTION_TYPES if args.types == "all" else args.types.split(","))
 
     def build(split, n, types):  # -> (maps (Q, 96, g, g), input_ids, attention_mask, answer index (Q,), cells)
@@ -179,7 +179,7 @@ def oracle(args):
         for group in opt.param_groups:
             group["lr"] = train.lr_at(step, tcfg)
         idx = torch.randint(len(train_set[0]), (64,), generator=g)
-        x, _, pooled = model.fuse(*[t[idx] for t in train_set[:3]])
+        x, _, pooled, _ = model.fuse(*[t[idx] for t in train_set[:3]])
         logits = model.vqa_head(pooled)
         target = F.one_hot(train_set[3][idx], len(vocab.answers)).float()
         loss = F.binary_cross_entropy_with_logits(logits, target) * target.shape[1]
@@ -259,7 +259,7 @@ def full(args, rest):
 @torch.no_grad()
 def order(args):
     model, cfg = probe_vqa_heldout.load(args.ckpt)
-    vocab = meter.build_tokenizer(cfg)
+    vocab = meter.build_vocab(cfg)
     ds = meter.ShapesVQA("train", cfg.img_size, 3000, seed=7)
     images, questions = [], []
     for i in range(len(ds)):

@@ -1,11 +1,11 @@
 """Which part of "is the red circle left of the blue star?" does a model trained from scratch fail to learn? A probe,
-not a test (docs/vqa-toy.md, "The cause: words do not fetch positions").
+not a test (docs/vqa-toy.md, "Why position needs the aid").
 
     python experiments/probe_vqa_synthetic.py                          # meter's text encoder + fusion: chance
     python experiments/probe_vqa_synthetic.py --arch single --preln    # a single-stream pre-LN transformer: chance too
     python experiments/probe_vqa_synthetic.py --arch single --preln --mix 1 --axis x --coords 1    # coordinates given
     python experiments/probe_vqa_synthetic.py --arch single --preln --mix 1 --axis x --text_coords 3   # ... in the words
-    python experiments/probe_vqa_synthetic.py --ground 1               # meter + its grounding aid (meter.GroundingAid)
+    python experiments/probe_vqa_synthetic.py --ground 1               # meter + its grounding aid (meter.ToyMeter)
 
 A synthetic world with nothing to see: each image is a 4 x 4 map of oracle tokens (one-hot colour and shape at the cell
 of each of 2-3 objects, zeros elsewhere; 96 channels, as the oracle of probe_vqa_position.py), the questions are the
@@ -136,27 +136,26 @@ def main(argv=None):
     p.add_argument("--preln", action="store_true", help="--arch single: pre-LN layers")
     p.add_argument("--coords", type=float, default=0.0, help="x and y as two channels of each object's token")
     p.add_argument("--text_coords", type=float, default=0.0, help="--arch single: each object's x in its words")
-    p.add_argument("--ground", type=float, default=0.0, help="--arch meter: meter.GroundingAid with this weight")
+    p.add_argument("--ground", type=float, default=0.0, help="--arch meter: meter.ToyMeter's aid with this weight")
     p.add_argument("--ground_layer", type=int, default=0, help="... on this fusion layer's text tokens")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     cfg = dataclasses.replace(meter.CONFIGS["toy"], image_positions=G, image_pos_std=args.grid_std,
                               ground_weight=args.ground)
-    vocab = meter.build_tokenizer(cfg)
+    vocab = meter.build_vocab(cfg)
     val = batch(random.Random(1234), 2000, args, vocab, cfg, 1.0)
     if args.arch == "meter":
-        model = meter.Meter(cfg, len(vocab.answers))
+        model = (meter.ToyMeter if args.ground else meter.Meter)(cfg, len(vocab.answers))
         model.image_encoder.forward_features = lambda maps: [maps]  # the oracle map is the tower's last map
-        if args.ground:
-            model.ground_aid = meter.GroundingAid(model)
-            if args.ground_layer:  # keep another layer's logits instead (the hooks run in layer order)
-                aid = model.ground_aid
-                model.text_layers[args.ground_layer].register_forward_hook(
-                    lambda layer, inputs, x: setattr(aid, "logits", aid.head(x)))
-        forward = lambda maps, ids, mask, xs: model(maps, ids, mask)["vqa"]  # noqa: E731
+
+        def forward(maps, ids, mask, xs):  # -> (VQA logits, the aid's cell logits of --ground_layer's text tokens)
+            x, _, pooled, texts = model.fuse(maps, ids, mask)
+            cells = model.ground_aid.head(texts[args.ground_layer]) if args.ground else None
+            return model.head_outputs(x, pooled)["vqa"], cells
     else:
-        model = forward = Single(args, cfg.text.vocab_size, len(vocab.answers))
+        model = single = Single(args, cfg.text.vocab_size, len(vocab.answers))
+        forward = lambda maps, ids, mask, xs: (single(maps, ids, mask, xs), None)  # noqa: E731
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     tcfg = train.TrainConfig(lr=args.lr, warmup_iters=100, max_iters=args.steps)
     rng, start, losses, grounded = random.Random(args.seed), time.time(), [], []
@@ -165,12 +164,11 @@ def main(argv=None):
         for group in opt.param_groups:
             group["lr"] = train.lr_at(step, tcfg)
         maps, ids, mask, answers, xs, cells = batch(rng, args.batch, args, vocab, cfg, args.mix)
-        logits = forward(maps, ids, mask, xs)
+        logits, aid_logits = forward(maps, ids, mask, xs)
         target = F.one_hot(answers, len(vocab.answers)).float()
         loss = F.binary_cross_entropy_with_logits(logits, target) * target.shape[1]
         if args.ground:
-            aid_logits = model.ground_aid.logits
-            loss = loss + args.ground * model.ground_aid.loss(cells)
+            loss = loss + args.ground * meter.ground_loss(aid_logits, cells)
             grounded.append((aid_logits[cells != -100].argmax(-1) == cells[cells != -100]).float().mean().item())
         opt.zero_grad()
         loss.backward()
@@ -180,7 +178,7 @@ def main(argv=None):
         if (step + 1) % 250 == 0:
             model.eval()
             with torch.no_grad():
-                right = sum((forward(*[t[i:i + 500] for t in (*val[:3], val[4])]).argmax(-1) ==
+                right = sum((forward(*[t[i:i + 500] for t in (*val[:3], val[4])])[0].argmax(-1) ==
                              val[3][i:i + 500]).sum().item() for i in range(0, 2000, 500))
             model.train()
             ground = f" | named words' cells right {sum(grounded[-250:]) / 250:.2f}" if grounded else ""

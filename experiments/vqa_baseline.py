@@ -120,7 +120,7 @@ def main():
     cfg = dataclasses.replace(meter.CONFIGS["toy"], train_size=args.train_size, val_size=args.val_size)
     tcfg = train.TrainConfig(stage="vqa", **{**toy, "batch_size": args.batch_size, "lr": args.lr,
                                              "max_iters": args.max_steps, "seed": args.seed})
-    vocab = meter.build_tokenizer(cfg)
+    vocab = meter.build_vocab(cfg)
     train_ds, val_ds = meter.build_datasets(cfg, args.seed)  # ShapesVQA train / val, as train.py builds them
     val = [val_ds[i] for i in range(len(val_ds))]            # rendered once, scored at every evaluation
 
@@ -134,8 +134,9 @@ def main():
         rngs = [random.Random(f"{args.seed}/{step}/{k}") for k in range(len(idx))]  # train.py's question draw
         return meter.compute_loss(model, meter.collate([train_ds[i] for i in idx], vocab, cfg, rngs))[0]
 
-    budget.train_on_budget(model, tcfg, len(train_ds), batch_loss, lambda: meter.evaluate(model, val, vocab, cfg),
-                           args.minutes, args.eval_every, {"question_only_acc": round(prior["vqa_acc"], 4)})
+    budget.train_on_budget(model, tcfg, len(train_ds), batch_loss,
+                           lambda: train.evaluate(meter, model, val, vocab, cfg), args.minutes, args.eval_every,
+                           {"question_only_acc": round(prior["vqa_acc"], 4)})
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -90,9 +91,9 @@ def test_roberta_folder_loads_into_the_stage(tmp_path):
     """--roberta=FOLDER (config.json + model.safetensors, as transformers saves it) fills the text encoder."""
     config, hf = hf_roberta(vocab_size=500, max_position_embeddings=40)
     hf.save_pretrained(tmp_path)
-    cfg = dataclasses.replace(meter.CONFIGS["toy"], roberta=str(tmp_path),
+    cfg = dataclasses.replace(meter.CONFIGS["toy"], roberta=str(tmp_path), init_from="none",
                               text=meter.text_config_from_hf(config.to_dict()))
-    model = meter.build_model(cfg, meter.build_tokenizer(cfg))
+    model = meter.build_model(cfg, meter.build_vocab(cfg))
     assert torch.equal(model.text_encoder.layers[0].attn.key.weight, hf.encoder.layer[0].attention.self.key.weight)
 
 
@@ -107,7 +108,7 @@ def test_padding_does_not_change_the_answer():
     """Extra padding tokens after a question change neither the VQA logits nor the image stream: every attention
     ignores padded keys."""
     model = toy_model()
-    vocab = meter.build_tokenizer(meter.CONFIGS["toy"])
+    vocab = meter.build_vocab(meter.CONFIGS["toy"])
     images = torch.randn(2, 3, 64, 64)
     ids, mask, _ = meter.encode_texts(["what color is the star?", "how many shapes are there?"], vocab,
                                       meter.CONFIGS["toy"])
@@ -126,7 +127,8 @@ def test_both_streams_update_from_the_previous_layer():
     model = toy_model()
     images, ids, mask = torch.randn(2, 3, 64, 64), torch.randint(0, 256, (2, 9)), torch.ones(2, 9, dtype=torch.long)
     with torch.no_grad():
-        x_out, y_out, _ = model.fuse(images, ids, mask)
+        x_out, y_out, _, texts = model.fuse(images, ids, mask)
+        assert len(texts) == len(model.text_layers) and texts[-1] is x_out
         fmap = model.image_encoder.forward_features(images)[-1]
         y = model.image_proj(fmap.flatten(2).transpose(1, 2))
         pos = torch.nn.functional.interpolate(model.image_pos, size=fmap.shape[-2:], mode="bilinear")
@@ -243,7 +245,7 @@ def test_vqav2_bad_input_is_named(tmp_path):
 
 def test_long_questions_are_truncated_and_counted():
     cfg = meter.CONFIGS["toy"]
-    vocab = meter.build_tokenizer(cfg)
+    vocab = meter.build_vocab(cfg)
     ids, mask, truncated = meter.encode_texts(["short?", "a" * 500], vocab, cfg)
     assert truncated == 1 and ids.shape == (2, cfg.context_length)
     assert ids[1, -1].item() == vocab.text.eos_id  # the end token is kept
@@ -253,7 +255,7 @@ def test_masking_follows_bert_over_whole_words():
     """About 15% of the words are picked, every token of a picked word is a label, begin / end never are, and 80% of
     the picked tokens become the mask token."""
     cfg = meter.CONFIGS["toy"]
-    vocab = meter.build_tokenizer(cfg)
+    vocab = meter.build_vocab(cfg)
     text = "a large red circle, two small blue stars nearby"  # "nearby" is not a Shapes word: 7 byte tokens
     assert [vocab.text.decode(ids).strip() for ids in ([vocab.text.encode(text)[t] for t in span] for span in
             meter.word_spans(vocab.text.encode(text), vocab))] == ["a", "large", "red", "circle", ",", "two", "small",
@@ -275,15 +277,15 @@ def test_masking_follows_bert_over_whole_words():
 
 # ------------------------------------------------------------------------------------------ the stages
 
-TINY_VQA = ["--stage", "vqa", "--train_size=3000", "--batch_size=64", "--warmup_iters=50", "--log_interval=50",
-            "--lr=1e-3"]
+TINY_VQA = ["--stage", "vqa", "--init_from=none", "--train_size=3000", "--batch_size=64", "--warmup_iters=50",
+            "--log_interval=50", "--lr=1e-3"]
 
 
 def test_vqa_stage_learns(tmp_path):
     """train.py --stage vqa from random weights on one-shape images, 300 steps of 64 (~2 min): the loss halves and
     size questions ("what size is the red star?"), whose answer only the image tells (small or large, ~0.5 from the
     question alone), are answered far above that. Measured (2 threads, byte tokens): loss 3.9 -> 1.85, vqa_acc 0.593,
-    size 0.984 on 300 val questions. Over 1-3 shapes the same 300 steps read little yet (docs/vqa-toy.md has the full run)."""
+    size 0.984 on 300 val questions. Over 1-3 shapes the same 300 steps read little yet."""
     metrics = train.main([*TINY_VQA, "--max_iters=300", "--val_size=300", "--max_objects=1", f"--out_dir={tmp_path}"])
     losses = test_train.logged_values(tmp_path)
     assert losses[-1] < 0.6 * losses[0], losses
@@ -292,7 +294,7 @@ def test_vqa_stage_learns(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_run_reaches_the_issue_bar(tmp_path):
+def test_readme_run_reaches_its_bar(tmp_path):
     """The README's two commands: the UniCL toy for 2400 steps, then `python train.py --stage vqa --init_from=...`:
     vqa_acc >= 0.90 and position >= 0.75 on the 2000 val questions (~20 min on 2 cores; docs/vqa-toy.md)."""
     train.main(["--max_iters=2400", f"--out_dir={tmp_path / 'u'}"])
@@ -323,14 +325,14 @@ def test_pretrain_stage_learns_and_initialises_vqa(tmp_path):
     three) and a quarter of the masked tokens are read back (measured with byte tokens: 3.17 -> 2.08 on average,
     mlm_acc 0.41, ITM 0.59); its checkpoint then initialises a vqa run (all but the heads)."""
     pre = tmp_path / "pre"
-    metrics = train.main(["--stage", "vqa_pretrain", "--train_size=2000", "--batch_size=32", "--max_iters=150",
-                          "--warmup_iters=20", "--lr=2e-3", "--log_interval=10", "--val_size=200",
+    metrics = train.main(["--stage", "vqa_pretrain", "--init_from=none", "--train_size=2000", "--batch_size=32",
+                          "--max_iters=150", "--warmup_iters=20", "--lr=2e-3", "--log_interval=10", "--val_size=200",
                           f"--out_dir={pre}"])
     mlm = test_train.logged_values(pre, "mlm")
     assert sum(mlm[-3:]) < 0.85 * sum(mlm[:3]), mlm  # logged every 10 steps: the first and last three
     assert metrics["mlm_acc"] > 0.25 and 0 <= metrics["itm_acc"] <= 1, metrics
     cfg = dataclasses.replace(meter.CONFIGS["toy"], init_from=str(pre / "ckpt.pt"))
-    model = meter.build_model(cfg, meter.build_tokenizer(cfg))
+    model = meter.build_model(cfg, meter.build_vocab(cfg))
     state = torch.load(pre / "ckpt.pt", weights_only=True)["model"]
     for name, value in model.state_dict().items():
         if not name.startswith(("vqa_head.", "ground_aid.")):
@@ -341,7 +343,7 @@ def test_ground_targets_name_each_phrases_cell():
     """The toy's grounding aid: the tokens of a phrase naming one object get the cell under its centre (4 x 4 map of a
     64 px image, row-major); words that name no single object get none."""
     cfg = dataclasses.replace(meter.CONFIGS["toy"], ground_weight=1.0)
-    vocab = meter.build_tokenizer(cfg)
+    vocab = meter.build_vocab(cfg)
     sample = {"image": data.Image.new("RGB", (64, 64)), "objects": [
         {"ref": "the red circle", "color": "red", "category": "circle", "box": [2, 2, 14, 14]},      # cell 0
         {"ref": "the blue star", "color": "blue", "category": "star", "box": [40, 50, 60, 62]},      # row 3, col 3
@@ -358,11 +360,11 @@ def test_ground_targets_name_each_phrases_cell():
 
 
 def test_grounding_aid_trains_its_head_and_is_off_for_the_paper():
-    """ground_weight adds the aid's head on the first text fusion layer and its loss; a few steps on one batch fit
-    the cells (the loss falls by half); the paper's config has no aid."""
+    """ground_weight builds ToyMeter, whose head on the first text fusion layer adds its loss; a few steps on one batch
+    fit the cells (the loss falls by half); without the weight, and in the paper's config, the model is Meter."""
     assert meter.CONFIGS["florence"].ground_weight == 0
-    cfg = dataclasses.replace(meter.CONFIGS["toy"], ground_weight=1.0)
-    vocab = meter.build_tokenizer(cfg)
+    cfg = dataclasses.replace(meter.CONFIGS["toy"], ground_weight=1.0, init_from="none")
+    vocab = meter.build_vocab(cfg)
     torch.manual_seed(0)
     model = meter.build_model(cfg, vocab)
     ds = meter.ShapesVQA("train", 64, 32)
@@ -377,20 +379,20 @@ def test_grounding_aid_trains_its_head_and_is_off_for_the_paper():
         opt.step()
         grounds.append(logs["ground"])
     assert grounds[-1] < 0.5 * grounds[0], grounds
-    assert model.ground_aid.head.weight.grad.abs().sum() > 0
-    assert not hasattr(meter.build_model(dataclasses.replace(cfg, ground_weight=0.0), vocab), "ground_aid")
+    assert type(model) is meter.ToyMeter and model.ground_aid.head.weight.grad.abs().sum() > 0
+    assert type(meter.build_model(dataclasses.replace(cfg, ground_weight=0.0), vocab)) is meter.Meter
 
 
 def test_init_from_a_unicl_checkpoint(tmp_path):
     """--init_from with a UniCL checkpoint copies its CoSwin's first two stages into the toy's image tower."""
     train.main(["--max_iters=1", "--batch_size=4", "--val_size=0", "--train_size=8", f"--out_dir={tmp_path}"])
     cfg = dataclasses.replace(meter.CONFIGS["toy"], init_from=str(tmp_path / "ckpt.pt"))
-    model = meter.build_model(cfg, meter.build_tokenizer(cfg))
+    model = meter.build_model(cfg, meter.build_vocab(cfg))
     tower = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
     for name, value in model.image_encoder.state_dict().items():
         assert torch.equal(value, tower["visual." + name]), name
     with pytest.raises(ValueError, match="'T'"):
-        meter.build_model(dataclasses.replace(cfg, image_encoder="T"), meter.build_tokenizer(cfg))
+        meter.build_model(dataclasses.replace(cfg, image_encoder="T"), meter.build_vocab(cfg))
     # freeze_stem: training steps (and an evaluation's train()/eval() round trip) leave the pretrained stem, its
     # BatchNorm statistics included, as loaded, while the rest of the tower learns
     vqa = train.main(["--stage", "vqa", f"--init_from={tmp_path / 'ckpt.pt'}", "--max_iters=2", "--batch_size=8",
@@ -410,16 +412,31 @@ def test_init_from_a_unicl_checkpoint(tmp_path):
     assert not torch.equal(unfrozen["image_encoder." + first], tower["visual." + first])
 
 
+@pytest.mark.parametrize("stage", ["vqa", "vqa_pretrain"])
+def test_a_missing_tower_stops_before_training(tmp_path, monkeypatch, stage):
+    """The toy's default --init_from (the README's UniCL tower, out_u/ckpt.pt) missing: the run stops at once, before
+    any training step, naming the file, the command that makes it and --init_from=none."""
+    monkeypatch.chdir(tmp_path)  # no out_u/ here
+    start = time.time()
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--stage", stage, f"--out_dir={tmp_path / 'o'}"])
+    message = str(stop.value)
+    assert message.startswith("error: --init_from 'out_u/ckpt.pt': no such file"), message
+    assert "python train.py --max_iters=2400 --out_dir=out_u" in message and "--init_from=none" in message, message
+    assert not (tmp_path / "o" / "metrics.jsonl").exists() and time.time() - start < 30
+
+
 def test_learning_rate_multipliers_reach_each_part(tmp_path):
     """--image_lr_mult / --text_lr_mult / --head_lr_mult scale those parts' learning rate against the fusion's
     (METER's slower encoders, faster head). AdamW's first step moves every parameter with a gradient by its learning
     rate (m / sqrt(v) = +-1), so each part's median bias step over --lr gives its multiplier; without multipliers the
     optimizer keeps its two groups (decayed first), as earlier checkpoints hold them."""
-    args = ["--stage", "vqa", "--train_size=16", "--batch_size=8", "--val_size=0", "--max_iters=1", "--warmup_iters=0",
-            "--lr=1e-3", "--image_lr_mult=0.2", "--text_lr_mult=0.5", "--head_lr_mult=10", f"--out_dir={tmp_path}"]
+    args = ["--stage", "vqa", "--init_from=none", "--train_size=16", "--batch_size=8", "--val_size=0", "--max_iters=1",
+            "--warmup_iters=0", "--lr=1e-3", "--image_lr_mult=0.2", "--text_lr_mult=0.5", "--head_lr_mult=10",
+            f"--out_dir={tmp_path}"]
     torch.manual_seed(0)
-    cfg = meter.CONFIGS["toy"]
-    before = meter.build_model(cfg, meter.build_tokenizer(cfg)).state_dict()  # train.py's init: the same seed
+    cfg = dataclasses.replace(meter.CONFIGS["toy"], init_from="none")
+    before = meter.build_model(cfg, meter.build_vocab(cfg)).state_dict()  # train.py's init: the same seed
     train.main(args)
     after = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
     mults = {"image_encoder.": 0.2, "text_encoder.": 0.5, "vqa_head.": 10.0, "text_layers.": 1.0, "image_proj.": 1.0}
@@ -427,7 +444,7 @@ def test_learning_rate_multipliers_reach_each_part(tmp_path):
         steps = torch.cat([(after[k] - before[k]).abs().flatten() for k in after
                            if k.startswith(prefix) and k.endswith(".bias") and not torch.equal(after[k], before[k])])
         assert abs(steps.median().item() / 1e-3 - mult) < 0.02 * mult, (prefix, steps.median())
-    optimizer = train.make_optimizer(meter.build_model(cfg, meter.build_tokenizer(cfg)), train.TrainConfig(), "cpu")
+    optimizer = train.make_optimizer(meter.build_model(cfg, meter.build_vocab(cfg)), train.TrainConfig(), "cpu")
     assert [(g["weight_decay"] > 0, g["lr_mult"]) for g in optimizer.param_groups] == [(True, 1.0), (False, 1.0)]
 
 
@@ -440,12 +457,13 @@ def test_vqa_stage_on_vqav2_files(tmp_path):
     vq, va, _, vanns = write_vqav2(val_dir, n=4)
     vanns[0]["answers"] = [{"answer": "seven hundred", "answer_id": k} for k in range(10)]
     va.write_text(json.dumps({"annotations": vanns}))
-    metrics = train.main(["--stage", "vqa", f"--data={qp}", f"--annotations={ap}", f"--val_data={vq}",
-                          f"--val_annotations={va}", f"--image_root={tmp_path}", f"--val_image_root={val_dir}",
-                          "--min_answer_count=1", "--batch_size=4", "--max_iters=2", f"--out_dir={tmp_path / 'o'}"])
+    metrics = train.main(["--stage", "vqa", "--init_from=none", f"--data={qp}", f"--annotations={ap}",
+                          f"--val_data={vq}", f"--val_annotations={va}", f"--image_root={tmp_path}",
+                          f"--val_image_root={val_dir}", "--min_answer_count=1", "--batch_size=4", "--max_iters=2",
+                          f"--out_dir={tmp_path / 'o'}"])
     assert metrics["out_of_vocab"] == 1 and 0 <= metrics["vqa_acc"] <= 0.75
     cfg = dataclasses.replace(meter.CONFIGS["toy"], data=str(qp), annotations=str(ap), image_root=str(tmp_path))
-    vocab = meter.build_tokenizer(cfg)
+    vocab = meter.build_vocab(cfg)
     train_ds, _ = meter.build_datasets(cfg, 0)
     batch = meter.collate([train_ds[0]], vocab, cfg)
     assert batch["input_ids"].shape[1] == cfg.context_length
@@ -454,7 +472,7 @@ def test_vqa_stage_on_vqav2_files(tmp_path):
 def test_vqa_bad_data_is_a_clear_error(tmp_path):
     qp, ap, questions, annotations = write_vqav2(tmp_path)
     ap.write_text(json.dumps({"annotations": annotations[1:]}))
-    args = ["--stage", "vqa", f"--data={qp}", f"--annotations={ap}", f"--image_root={tmp_path}",
+    args = ["--stage", "vqa", "--init_from=none", f"--data={qp}", f"--annotations={ap}", f"--image_root={tmp_path}",
             "--min_answer_count=1", "--batch_size=2", "--max_iters=2", "--val_size=0", f"--out_dir={tmp_path / 'o'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     bad = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, env=env)
