@@ -114,6 +114,7 @@ def main():
     p.add_argument("--val_size", type=int, default=meter.CONFIGS["toy"].val_size)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (the budget is one-thread minutes)")
+    p.add_argument("--log", default="", help="append each evaluation to this metrics.jsonl (docs/curves.py)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -136,7 +137,7 @@ def main():
 
     budget.train_on_budget(model, tcfg, len(train_ds), batch_loss,
                            lambda: train.evaluate(meter, model, val, vocab, cfg), args.minutes, args.eval_every,
-                           {"question_only_acc": round(prior["vqa_acc"], 4)})
+                           {"question_only_acc": round(prior["vqa_acc"], 4)}, log=args.log)
 
 
 if __name__ == "__main__":
