@@ -11,7 +11,9 @@ top to bottom:
   2. The fusion: projections, modality embeddings, co-attention layers, poolers; the VQA, ITM and MLM heads.
   3. The official VQA accuracy: answer normalisation and the leave-one-out min(#humans / 3, 1).
   4. VQA data: the Shapes world's questions, the VQAv2 files, the answer vocabulary, soft targets.
-  5. The stage protocol for train.py (python train.py --stage vqa, --stage vqa_pretrain).
+  5. The stage protocol for train.py (python train.py --stage vqa, --stage vqa_pretrain; docs/design.md).
+  6. The CPU toy's aid, in one place and off in the paper's config: ToyMeter, the paper's Meter plus a grounding head
+     (ground_weight); the toy's strong image-position init (image_pos_std) is a config field of section 2.
 """
 import collections
 import json
