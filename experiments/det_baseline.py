@@ -12,6 +12,7 @@ images. Training stops at a wall-clock budget (evaluation time is not counted); 
 samples seen, as train.py's --eval_interval prints it for ours.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -94,6 +95,7 @@ def main():
     p.add_argument("--eval_every", type=float, default=3.0, help="minutes of training between evaluations")
     p.add_argument("--steps", type=int, default=1500, help="the planned steps of the cosine schedule")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log", default="", help="append each evaluation to this metrics.jsonl (docs/curves.py)")
     args = p.parse_args()
     cfg = dyhead.CONFIGS["toy"]
     tcfg = train.TrainConfig(stage="det", **dyhead.TRAIN["toy"])
@@ -128,6 +130,10 @@ def main():
             metrics = evaluate(model, val, cfg)
             print(f"eval | {trained / 60:.1f} min | {step * tcfg.batch_size} samples | "
                   + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+            if args.log:
+                with open(args.log, "a") as f:
+                    f.write(json.dumps({"step": step, "samples": step * tcfg.batch_size,
+                                        "minutes": round(trained / 60, 2), "eval": metrics}) + "\n")
             next_eval = min(next_eval + args.eval_every * 60, args.minutes * 60)
 
 
