@@ -60,7 +60,7 @@ def main():
     if args.standard:
         ax.plot(*curve(args.standard, key, batch), "s-", label=standard_name or "standard model")
     for also in args.also:
-        label, eq, path = also.partition("=")
+        label, eq, path = also.rpartition("=")  # the last "=": a label may hold flags
         if not eq:
             raise SystemExit(f"error: --also {also!r}: expected LABEL=PATH")
         ax.plot(*curve(path, key, batch), ".:", label=label)
