@@ -79,8 +79,9 @@ def evaluate(model, val, cfg):
         outs = model([to_input(s["image"], S) for s in chunk])
         for s, o in zip(chunk, outs):
             W, H = s["image"].size
-            boxes = o["boxes"] * torch.tensor([W / S, H / S, W / S, H / S])
-            found.append((boxes, o["scores"], o["labels"] - 1))
+            keep = o["labels"] > 0  # torchvision's class 0 is the background, which a sigmoid head can still score
+            boxes = o["boxes"][keep] * torch.tensor([W / S, H / S, W / S, H / S])
+            found.append((boxes, o["scores"][keep], o["labels"][keep] - 1))
     model.train()
     truth = data.coco_instances([{"width": s["image"].width, "height": s["image"].height} for s in val],
                                 [[(box, label + 1) for box, label in dyhead.sample_objects(s, cfg)] for s in val],
