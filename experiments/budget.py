@@ -15,6 +15,13 @@ def fmt(metrics):
     return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("truncated", "out_of_vocab"))
 
 
+def log_eval(path, step, batch_size, trained_s, metrics):
+    """Append one evaluation to a metrics.jsonl, as train.py writes it plus the samples and training minutes."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, "samples": step * batch_size, "minutes": round(trained_s / 60, 2),
+                            "eval": metrics}) + "\n")
+
+
 def train_on_budget(model, tcfg, n, batch_loss, evaluate, minutes, eval_every, extra=None, log=None):
     """Trains `model` until `minutes` of training or tcfg.max_iters steps. batch_loss(step, indices) -> loss of the
     samples at those dataset indices; evaluate() -> metrics. Prints each evaluation and, at the end, one JSON line
@@ -39,9 +46,7 @@ def train_on_budget(model, tcfg, n, batch_loss, evaluate, minutes, eval_every, e
             print(f"eval | {trained / 60:.2f} min | {step * tcfg.batch_size} samples | step {step} | "
                   f"loss {sum(losses) / len(losses):.4f} | {fmt(metrics)}", flush=True)
             if log:
-                with open(log, "a") as f:
-                    f.write(json.dumps({"step": step, "samples": step * tcfg.batch_size,
-                                        "minutes": round(trained / 60, 2), "eval": metrics}) + "\n")
+                log_eval(log, step, tcfg.batch_size, trained, metrics)
             losses, next_eval = [], min(next_eval + eval_every * 60, budget)
     print(json.dumps({"samples": step * tcfg.batch_size, "steps": step, "minutes": round(trained / 60, 2),
                       **{k: round(v, 4) for k, v in metrics.items()}, **(extra or {})}))

@@ -12,7 +12,6 @@ images. Training stops at a wall-clock budget (evaluation time is not counted); 
 samples seen, as train.py's --eval_interval prints it for ours.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat project files
+import budget  # noqa: E402
 import data  # noqa: E402
 import dyhead  # noqa: E402
 import train  # noqa: E402
@@ -132,9 +132,7 @@ def main():
             print(f"eval | {trained / 60:.1f} min | {step * tcfg.batch_size} samples | "
                   + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
             if args.log:
-                with open(args.log, "a") as f:
-                    f.write(json.dumps({"step": step, "samples": step * tcfg.batch_size,
-                                        "minutes": round(trained / 60, 2), "eval": metrics}) + "\n")
+                budget.log_eval(args.log, step, tcfg.batch_size, trained, metrics)
             next_eval = min(next_eval + args.eval_every * 60, args.minutes * 60)
 
 
