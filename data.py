@@ -18,6 +18,8 @@ It imports no project file.
   4. tokenizers on tiktoken      Tokenizer, get_tokenizer
   5. released weights            read_safetensors, read_weights_folder (transformers model folders)
   6. boxes and COCO files         box_iou, coco_instances (shared by the detector, Florence-2 and the demo)
+  7. a noisy web pool            write_pool (Shapes pairs with planted duplicates, tiny images, moved
+                                 captions and boilerplate, and a truth file naming each)
 
 `python data.py --out shapes.png` draws a grid of samples with their annotations; `--bench` times rendering.
 """
@@ -33,11 +35,12 @@ import random
 import struct
 import sys
 import tarfile
+import time
 
 import numpy as np
 import tiktoken
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. The Shapes world
@@ -946,24 +949,222 @@ def coco_instances(images: list[dict], objects: list[list], categories: list[dic
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# 7. A noisy web pool: Shapes-world image-text pairs with planted web noise and a truth file (Florence section 2.1
+# curates such pools). A curation step is only testable against noise whose every instance is known, so each
+# planted row is listed in truth.jsonl with its kind and, for a duplicate, the row it copies.
+
+POOL_KINDS = ("duplicate_exact", "duplicate_jpeg", "duplicate_resize", "duplicate_crop", "duplicate_brightness",
+              "tiny", "moved_caption", "boilerplate")
+# texts a web page puts under any picture: none names a shape, so a caption filter can only catch them by repetition
+BOILERPLATE = ("click here to enlarge the picture", "image may contain art and shapes", "stock photo of the day",
+               "no description available for this image", "photo courtesy of the author",
+               "view larger image in a new window", "product image for illustration only",
+               "free download high resolution wallpaper", "share this picture with your friends",
+               "scroll down for more photos", "thumbnail of the uploaded file", "see the full gallery here",
+               "image may be subject to copyright", "untitled photo from my camera roll",
+               "posted by admin in uncategorized", "picture of the week winner", "this image has been resized",
+               "click to see full size", "related posts you may like", "all rights reserved do not copy")
+
+
+def _illuminate(image: Image.Image, rng: random.Random, light: float) -> Image.Image:
+    """Add a smooth field of 4 random plane waves (up to 2 cycles per image, +-2 * light grey levels) to every
+    channel. Web photos carry such low-frequency structure; flat Shapes backgrounds alone would give distinct images
+    the same 64-bit perceptual hash. Coordinates are fractions of the side, so a tiny image gets the same kind of
+    field as a full-size one."""
+    w, h = image.size
+    x = ((np.arange(w) + 0.5) / w)[None, :]  # (1, w) in (0, 1)
+    y = ((np.arange(h) + 0.5) / h)[:, None]  # (h, 1)
+    field = np.zeros((h, w))
+    for _ in range(4):
+        fx, fy, phase = rng.uniform(-2, 2), rng.uniform(-2, 2), rng.uniform(0, 2 * math.pi)
+        field = field + np.cos(2 * math.pi * (fx * x + fy * y) + phase)  # (h, w)
+    pixels = np.asarray(image, dtype=np.float64) + (field * light / 2)[:, :, None]  # (h, w, 3)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+
+
+def _class(sample: dict) -> str:
+    obj = sample["objects"][0]  # pool images hold one object
+    return f"{obj['color']} {obj['category']}"
+
+
+def _duplicate(kind: str, image: Image.Image, rng: random.Random) -> tuple[Image.Image, bytes | None]:
+    """A near copy of `image` as the web makes them; JPEG copies also return their encoded bytes, which are what
+    gets written (decoding and re-encoding as PNG would store the same pixels, but not the same file)."""
+    w, h = image.size
+    if kind == "duplicate_jpeg":
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=rng.randint(30, 70))
+        return Image.open(io.BytesIO(buffer.getvalue())), buffer.getvalue()
+    if kind == "duplicate_resize":
+        while True:  # a factor that rounds back to the same size would plant an exact duplicate under this name
+            factor = rng.uniform(0.5, 2.0)
+            new = (max(1, round(w * factor)), max(1, round(h * factor)))
+            if new != (w, h):
+                return image.resize(new, Image.Resampling.BICUBIC), None
+    if kind == "duplicate_crop":
+        cw, ch = round(w * rng.uniform(0.85, 0.95)), round(h * rng.uniform(0.85, 0.95))
+        x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        return image.crop((x0, y0, x0 + cw, y0 + ch)), None
+    if kind == "duplicate_brightness":
+        factor = rng.uniform(0.8, 0.9) if rng.random() < 0.5 else rng.uniform(1.1, 1.2)
+        return ImageEnhance.Brightness(image).enhance(factor), None
+    return image.copy(), None  # duplicate_exact
+
+
+def _pool_counts(n: int, noise: float) -> dict[str, int]:
+    """Rows per kind: round(noise * n) planted rows over the 8 kinds as evenly as possible, remainders first."""
+    planted = round(noise * n)
+    share, extra = divmod(planted, len(POOL_KINDS))
+    counts = {"clean": n - planted, **{k: share + (i < extra) for i, k in enumerate(POOL_KINDS)}}
+    copies = sum(counts[k] for k in POOL_KINDS if k.startswith("duplicate"))
+    if not 0 <= noise <= 1 or copies > counts["clean"]:
+        raise ValueError(f"noise {noise} plants {copies} duplicates but leaves {counts['clean']} clean rows to copy "
+                         f"(each clean row is copied at most once): use 0 <= noise <= 8/13 (about 0.61)")
+    return counts
+
+
+def write_pool(folder, n: int, noise: float, seed: int = 0, size: int = 64, light: float = 30.0,
+               progress: bool = True) -> dict:
+    """Write an n-row image-text pool into `folder`: images/NNNNNN.png (.jpg for JPEG duplicates), pool.jsonl
+    ({"image", "caption"}, readable by ImageTextFile), clean.jsonl (its clean rows only: what a perfect curation
+    keeps) and, last, truth.jsonl ({"row", "image", "kind", "of", "class"} per row: what was planted where).
+    Deterministic from (seed, n, noise, size, light). Returns {"rows", "kinds", "command", "max_share",
+    "min_side"}; "command" is a curation command line sized to this pool."""
+    counts = _pool_counts(n, noise)
+    plan = _rng("pool", seed, "plan", n)
+    # (kind, ShapesWorld index or None, entry of the original or None), before shuffling
+    entries = [("clean", k, None) for k in range(counts["clean"])]
+    copies = [k for k in POOL_KINDS if k.startswith("duplicate") for _ in range(counts[k])]
+    originals = plan.sample(range(counts["clean"]), len(copies))  # each clean row is copied at most once
+    entries += [(kind, None, of) for kind, of in zip(copies, originals)]
+    fresh = counts["clean"]  # distinct images take ShapesWorld indices no other row uses
+    for kind in ("tiny", "moved_caption", "boilerplate"):
+        entries += [(kind, fresh + j, None) for j in range(counts[kind])]
+        fresh += counts[kind]
+    texts = BOILERPLATE[:min(len(BOILERPLATE), max(1, counts["boilerplate"] // 4000))]  # each text on many rows
+    order = list(range(n))
+    plan.shuffle(order)  # order[row] = entry; a duplicate may come before or after its original
+    row_of = {entry: row for row, entry in enumerate(order)}
+
+    world = ShapesWorld("train", size=size, n=max(1, fresh), seed=seed, min_objects=1, max_objects=1, ocr_prob=0.0)
+    small = {}  # side -> ShapesWorld for the tiny rows
+
+    def clean(row: int, index: int) -> tuple[Image.Image, dict]:
+        # a row's own light rng, so a duplicate re-renders its original's pixels exactly
+        sample = world[index]
+        return _illuminate(sample["image"], _rng("pool-light", seed, "pool", row), light), sample
+
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    truth_path = os.path.join(folder, "truth.jsonl")
+    if os.path.exists(truth_path):
+        os.remove(truth_path)  # truth.jsonl marks a finished pool: an old one must not vouch for a half-written one
+    pool_rows, truth_rows, boilerplate_seen = [], [], 0
+    start = last = time.perf_counter()
+    for row, entry in enumerate(order):
+        kind, index, of = entries[entry]
+        rng, encoded, of_row = _rng("pool", seed, "pool", row), None, None
+        if kind == "clean":
+            image, sample = clean(row, index)
+            caption, true = sample["caption"], _class(sample)
+        elif kind.startswith("duplicate"):
+            of_row = row_of[of]
+            original, sample = clean(of_row, entries[of][1])
+            image, encoded = _duplicate(kind, original, rng)
+            caption, true = sample["caption"], _class(sample)
+        elif kind == "tiny":
+            side = rng.randint(16, 24)  # ShapesWorld draws nothing smaller than 16 px
+            if side not in small:
+                small[side] = ShapesWorld("train", size=side, n=max(1, fresh), seed=seed, min_objects=1,
+                                          max_objects=1, ocr_prob=0.0)
+            sample = small[side][index]
+            image = _illuminate(sample["image"], _rng("pool-light", seed, "pool", row), light)
+            caption, true = sample["caption"], _class(sample)
+        else:
+            image, sample = clean(row, index)
+            true = _class(sample)
+            if kind == "moved_caption":  # the caption of a clean image showing another colour or shape
+                donor = world[rng.randrange(counts["clean"])]
+                while _class(donor) == true:
+                    donor = world[rng.randrange(counts["clean"])]
+                caption = donor["caption"]
+            else:  # boilerplate: texts dealt out in turn, so each is shared by as many rows as possible
+                caption = texts[boilerplate_seen % len(texts)]
+                boilerplate_seen += 1
+        name = f"images/{row:06d}.{'jpg' if encoded is not None else 'png'}"
+        if encoded is not None:
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(encoded)
+        else:
+            image.save(os.path.join(folder, name))
+        pool_rows.append({"image": name, "caption": caption})
+        truth_rows.append({"row": row, "image": name, "kind": kind, "of": of_row, "class": true})
+        now = time.perf_counter()
+        if progress and now - last >= 2:
+            last, eta = now, round((now - start) / (row + 1) * (n - row - 1))
+            print(f"pool {row + 1}/{n} rows, ETA {eta // 60}:{eta % 60:02d}", flush=True)
+
+    clean_rows = [p for p, t in zip(pool_rows, truth_rows) if t["kind"] == "clean"]  # what a perfect curation keeps
+    for name, rows in (("pool.jsonl", pool_rows), ("clean.jsonl", clean_rows), ("truth.jsonl", truth_rows)):
+        # truth.jsonl last: it marks the pool complete
+        path = os.path.join(folder, name)
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(path + ".tmp", path)
+
+    # ALIGN drops texts shared by more than 10 images; Shapes has only 60 training captions, so the threshold sits
+    # above the world's own repetition and below a boilerplate text's
+    shared = {}
+    for pool_row, truth_row in zip(pool_rows, truth_rows):
+        if truth_row["kind"] != "boilerplate":
+            shared[pool_row["caption"]] = shared.get(pool_row["caption"], 0) + 1
+    max_share, min_side = math.ceil(1.5 * max(shared.values(), default=0)), size // 2  # tiny rows are <= 24 px
+    command = (f"python engine.py curate --data {os.path.join(folder, 'pool.jsonl')} "
+               f"--out {os.path.join(folder, 'curated.jsonl')} --min_side {min_side} --max_share {max_share}")
+    if progress:
+        print(f"wrote {n} rows to {folder} in {time.perf_counter() - start:.1f} s: " +
+              ", ".join(f"{kind} {count}" for kind, count in counts.items()))
+        if counts["boilerplate"] and counts["boilerplate"] // len(texts) <= max_share:
+            print(f"note: each boilerplate text is on about {counts['boilerplate'] // len(texts)} rows, not more "
+                  f"than max_share {max_share}: a share filter cannot tell it from a Shapes caption")
+        if size // 2 <= 24:
+            print(f"note: at --size {size} the tiny rows (16-24 px) are not below min_side {min_side}")
+        print(f"curate it with:\n  {command}")
+    return {"rows": n, "kinds": counts, "command": command, "max_share": max_share, "min_side": min_side}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # demo: python data.py --out shapes.png   (a grid of samples with their boxes, polygons and OCR quads drawn)
+#       python data.py --pool DIR --n 20000 --noise 0.3   (a noisy web pool, section 7)
 
 if __name__ == "__main__":
     import argparse
-    import time
 
-    parser = argparse.ArgumentParser(description="Draw Shapes-world samples with their annotations, or time them.")
+    parser = argparse.ArgumentParser(description="Draw Shapes-world samples with their annotations, time them, or "
+                                                 "write a noisy web pool of them.")
     parser.add_argument("--out", default="shapes.png", help="grid PNG to write")
     parser.add_argument("--split", default="val", choices=SPLITS)
-    parser.add_argument("--size", type=int, default=128, help="image side in pixels")
-    parser.add_argument("--n", type=int, default=8, help="samples in the grid (a video clip fills a row)")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default 128; 64 with --pool)")
+    parser.add_argument("--n", type=int, default=None, help="samples in the grid, a video clip fills a row "
+                                                           "(default 8); rows of the pool (default 20000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bench", action="store_true", help="time rendering instead of drawing a grid")
     parser.add_argument("--images", default="", help="also write each sample's plain image to this folder as "
                                                      "SPLIT_INDEX.png (inputs for python florence2.py --image)")
     parser.add_argument("--coco", action="store_true", help="with --images: also write DIR/instances.json, their "
                                                            "COCO ground truth (the 6 shapes are categories 1-6)")
+    parser.add_argument("--pool", default="", metavar="DIR", help="write a noisy web pool of --n rows into DIR "
+                                                                  "(pool.jsonl, truth.jsonl, images/) and exit")
+    parser.add_argument("--noise", type=float, default=0.3, help="with --pool: fraction of planted noisy rows")
+    parser.add_argument("--light", type=float, default=30.0, help="with --pool: strength of the illumination "
+                                                                  "field, grey levels")
     args = parser.parse_args()
+
+    if args.pool:  # the pool's own defaults: a curation-sized pool of small images
+        write_pool(args.pool, 20000 if args.n is None else args.n, args.noise, args.seed,
+                   64 if args.size is None else args.size, args.light)
+        raise SystemExit
+    args.size = 128 if args.size is None else args.size
+    args.n = 8 if args.n is None else args.n
 
     if args.bench:
         for size in (64, 224):

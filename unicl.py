@@ -49,7 +49,7 @@ class UniCLConfig:
     template_max_words: int = 4    # a text of at most this many words counts as "short"
     # data: "shapes" (the built-in world) or a .csv/.tsv/.jsonl file or .tar shards (comma separated)
     data: str = "shapes"
-    val_data: str = ""             # same formats; for "shapes" the val split is used
+    val_data: str = ""             # same formats; "shapes": the Shapes val split (zero-shot) beside any training data
     image_root: str = ""           # folder that image paths in data files are relative to
     train_size: int = 20000        # Shapes world: number of distinct training samples
     val_size: int = 720            # Shapes world: single-object val images for zero-shot (20 per class); 0 = no eval
@@ -303,16 +303,18 @@ def build_model(cfg: UniCLConfig, tokenizer) -> UniCL:
 
 def build_datasets(cfg: UniCLConfig, seed: int, skip_bad: bool = False):
     """-> (train dataset, val dataset) of raw samples with "image" and "caption"."""
+    shapes_val = data.ShapesWorld("val", size=cfg.img_size, n=cfg.val_size, seed=seed, min_objects=1, max_objects=1,
+                                  ocr_prob=0.0) if cfg.val_size else None
     if cfg.data == "shapes":
         train = data.ShapesWorld("train", size=cfg.img_size, n=cfg.train_size, seed=seed,
                                  min_objects=1, max_objects=cfg.max_objects, ocr_prob=0.0)
-        val = data.ShapesWorld("val", size=cfg.img_size, n=cfg.val_size, seed=seed,
-                               min_objects=1, max_objects=1, ocr_prob=0.0) if cfg.val_size else None
-        return train, val
+        return train, shapes_val
     if not cfg.data:
         raise ValueError("config field 'data' is empty: pass --data=shapes or --data=PATH(.csv/.tsv/.jsonl/.tar)")
-    return (data.open_image_text(cfg.data, cfg.image_root or None, skip_bad),
-            data.open_image_text(cfg.val_data, cfg.image_root or None, skip_bad) if cfg.val_data else None)
+    train = data.open_image_text(cfg.data, cfg.image_root or None, skip_bad)
+    if cfg.val_data == "shapes":  # a Shapes-world pool (data.py --pool) is scored zero-shot like the toy
+        return train, shapes_val
+    return train, data.open_image_text(cfg.val_data, cfg.image_root or None, skip_bad) if cfg.val_data else None
 
 
 def _transform(cfg, train):
@@ -346,7 +348,7 @@ def evaluate(model, val, tokenizer, cfg: UniCLConfig):
     samples = [s for s in samples if s is not None]
     feats = encode_images(model, [s["image"] for s in samples], _transform(cfg, train=False))
     metrics = {}
-    if cfg.data == "shapes":
+    if isinstance(val, data.ShapesWorld):
         classes = data.compositions()
         weights = zeroshot_classifier(model, tokenizer, [f"{c} {s}" for c, s in classes])
         pred = (feats @ weights.t()).argmax(1).tolist()

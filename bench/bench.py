@@ -2,7 +2,7 @@
 
     python bench/bench.py            # every benchmark
     python bench/bench.py coswin     # one (names: the bench_* functions below, without the prefix: coswin,
-                                     # florence2, florence2_label, florence2_train, dyhead, meter, video)
+                                     # florence2, florence2_label, florence2_train, dyhead, meter, video, phash)
     BENCH_DEVICE=cuda python bench/bench.py florence2_label florence2_train   # on a GPU (bench/gpu_check.sh)
 
 Each benchmark alternates ours and the reference call by call (so load from other processes hits both alike), after
@@ -445,6 +445,28 @@ def bench_video():
           f"max |ours - torchvision| logits = {diff:.1e}")
     report("video swin3d_t forward+backward", time_alternating(forward_backward(ours, x),
                                                                 forward_backward(reference, x)), "torchvision")
+
+
+def bench_phash():
+    """engine.phashes (a batch of DCTs as two matrix products) vs imagehash.phash (one scipy DCT per image), on the
+    same decoded images: 256 Shapes images at 64 px and scikit-image's photographs (512 px and so on), images/s."""
+    import glob
+
+    import imagehash
+    import skimage.data
+    from PIL import Image
+
+    import data
+    import engine
+    folder = os.path.dirname(skimage.data.__file__)
+    photos = [Image.open(p).convert("RGB") for p in sorted(glob.glob(os.path.join(folder, "*")))
+              if p.endswith((".png", ".jpg"))]
+    shapes = [data.ShapesWorld("train", 64, n=256)[i]["image"] for i in range(256)]
+    for what, images in ((f"{len(shapes)} Shapes images, 64 px", shapes), (f"{len(photos)} photographs", photos)):
+        ours_s, ref_s, ratios = time_alternating(lambda: engine.phashes(images),
+                                                 lambda: [imagehash.phash(im) for im in images])
+        print(f"phash, {what}: ours {len(images) / ours_s:.0f} images/s, imagehash {len(images) / ref_s:.0f} "
+              f"images/s, speed-up x{ref_s / ours_s:.2f} (rounds x{1 / max(ratios):.2f}-x{1 / min(ratios):.2f})")
 
 
 BENCHES = {name[len("bench_"):]: fn for name, fn in dict(globals()).items() if name.startswith("bench_")}
