@@ -16,6 +16,7 @@ It imports data.py, coswin.py and unicl.py; no stage file imports it.
 """
 import argparse
 import csv
+import functools
 import io
 import json
 import math
@@ -40,21 +41,103 @@ import unicl
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. The perceptual hash (pHash). The image is reduced to 32x32 grey levels (Lanczos), transformed by a 2-D DCT-II, and
 # the 8x8 lowest frequencies are compared with their median: 64 bits, one per coefficient, set where it is larger. This
-# is the `imagehash` package's phash bit for bit (first coefficient = most significant bit). Its DCT is one image at a
-# time through scipy; here the 8 needed rows of the DCT matrix turn a whole batch into two matrix products.
+# is the `imagehash` package's phash bit for bit (first coefficient = most significant bit). It resizes and transforms
+# one image at a time (Pillow, then scipy); here both are matrix products over a batch of same-size images: Pillow's
+# Lanczos resize in its own fixed-point integers, then the 8 needed rows of the DCT matrix.
 
 HASH_SIDE, HASH_BITS = 32, 64
 _k, _n = np.arange(8)[:, None], np.arange(HASH_SIDE)[None, :]
 DCT_ROWS = 2 * np.cos(np.pi * _k * (2 * _n + 1) / (2 * HASH_SIDE))  # (8, 32): scipy's unnormalised DCT-II, rows 0..7
+PRECISION_BITS = 22  # Pillow's fixed point for 8-bit resampling (32 - 8 - 2)
+
+
+def _sinc(x: float) -> float:
+    if x == 0.0:
+        return 1.0
+    x = x * math.pi
+    return math.sin(x) / x
+
+
+@functools.lru_cache(maxsize=None)
+def lanczos_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """(size_out, size_in) weights of Pillow's Lanczos resampling along one axis, as the integers it computes with
+    (its precompute_coeffs + normalize_coeffs_8bpc: a window of 3 x the scale around each output pixel's centre,
+    weights summing to 1, rounded to 22 fractional bits). The same double operations in the same order, so the same
+    integers; they are held as float64, where every sum of the resize is an exact integer (< 2^53)."""
+    scale = size_in / size_out
+    filterscale = max(scale, 1.0)
+    support = 3.0 * filterscale
+    m = np.zeros((size_out, size_in))
+    for xx in range(size_out):
+        center = (xx + 0.5) * scale
+        xmin, xmax = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), size_in)
+        ws = []
+        for x in range(xmax - xmin):
+            t = (x + xmin - center + 0.5) / filterscale
+            ws.append(_sinc(t) * _sinc(t / 3) if -3.0 <= t < 3.0 else 0.0)
+        total = sum(ws)
+        for x, w in enumerate(ws):
+            w = w / total if total != 0.0 else w
+            m[xx, xmin + x] = int(w * (1 << PRECISION_BITS) + (0.5 if w >= 0 else -0.5))
+    return m
+
+
+def _fixed_point_to_uint8(s: np.ndarray) -> np.ndarray:
+    """Pillow's clip8: round the fixed-point sums to 8-bit pixels (in place; powers of two keep it exact)."""
+    s += 1 << PRECISION_BITS - 1
+    s *= 1.0 / (1 << PRECISION_BITS)
+    return np.clip(np.floor(s, out=s), 0, 255, out=s)
+
+
+def along_last(x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """(..., n) @ m.T for m (k, n) -> (..., k), as one matrix product over the whole batch."""
+    return (x.reshape(-1, x.shape[-1]) @ m.T).reshape(*x.shape[:-1], m.shape[0])
+
+
+def _resize_passes(x: np.ndarray, side: int, vertical_first: bool) -> np.ndarray:
+    for axis in ((1, 2) if vertical_first else (2, 1)):
+        if axis == 2 and x.shape[2] != side:
+            x = _fixed_point_to_uint8(along_last(x, lanczos_matrix(x.shape[2], side)))              # (B, H, side)
+        if axis == 1 and x.shape[1] != side:
+            x = x.transpose(0, 2, 1)                                                                # (B, W, H)
+            x = _fixed_point_to_uint8(along_last(x, lanczos_matrix(x.shape[2], side)))              # (B, W, side)
+            x = x.transpose(0, 2, 1)                                                                # (B, side, W)
+    return x
+
+
+@functools.lru_cache(maxsize=None)
+def _pass_order(h: int, w: int, side: int) -> str:
+    """Which pass Pillow runs first for an (h, w) image: "h" or "v" (its choice is a cost rule of its own, which has
+    changed between versions), read off one probe image of that size; "pillow" if neither order gives its pixels."""
+    probe = (np.arange(h * w, dtype=np.int64) * 2654435761 % 251).astype(np.uint8).reshape(h, w)  # any busy pattern
+    want = np.asarray(Image.fromarray(probe).resize((side, side), Image.LANCZOS))
+    for order in ("h", "v"):
+        if np.array_equal(_resize_passes(probe[None].astype(np.float64), side, order == "v")[0], want):
+            return order
+    return "pillow"
+
+
+def resize_grey(grey: np.ndarray, side: int = HASH_SIDE) -> np.ndarray:
+    """(B, H, W) uint8 grey images of one size -> (B, side, side) float64 holding Pillow's `resize((side, side),
+    LANCZOS)` exactly: two passes, each rounded to 8 bits (an axis already `side` long is left alone)."""
+    order = _pass_order(grey.shape[1], grey.shape[2], side)
+    if order == "pillow":
+        return np.stack([np.asarray(Image.fromarray(g).resize((side, side), Image.LANCZOS)) for g in grey]) * 1.0
+    return _resize_passes(grey.astype(np.float64), side, order == "v")
 
 
 def phashes(images) -> list[int]:
     """PIL images -> their 64-bit perceptual hashes as unsigned ints (equal to int(str(imagehash.phash(im)), 16))."""
-    if not len(images):
-        return []
-    grey = np.stack([np.asarray(im.convert("L").resize((HASH_SIDE, HASH_SIDE), Image.LANCZOS), dtype=np.float64)
-                     for im in images])                               # (B, 32, 32)
-    low = (DCT_ROWS @ grey @ DCT_ROWS.T).reshape(len(images), 64)     # (B, 64): DCT along y, then x; 8x8 kept
+    # Pillow's luma, (299 R + 587 G + 114 B) / 1000, as (H, W) uint8 arrays
+    grey = [np.frombuffer(im.convert("L").tobytes(), np.uint8).reshape(im.height, im.width) for im in images]
+    small = np.empty((len(grey), HASH_SIDE, HASH_SIDE))
+    by_shape = {}
+    for i, g in enumerate(grey):
+        by_shape.setdefault(g.shape, []).append(i)
+    for idx in by_shape.values():  # one batch per image size
+        small[idx] = resize_grey(np.stack([grey[i] for i in idx]))                                 # (b, 32, 32)
+    low = along_last(along_last(small, DCT_ROWS).transpose(0, 2, 1), DCT_ROWS)  # (B, 8 x-freq, 8 y-freq): DCT of x, y
+    low = low.transpose(0, 2, 1).reshape(len(grey), 64)                # (B, 64): row-major over (y-freq, x-freq)
     bits = low > np.median(low, axis=1, keepdims=True)                # (B, 64)
     return [int.from_bytes(row.tobytes(), "big") for row in np.packbits(bits, axis=1)]  # (B, 8) bytes -> int
 
@@ -137,7 +220,7 @@ def encode_texts(model, tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def chunk_features(ds, rows: range, model=None, tokenizer=None) -> dict:
+def chunk_features(ds, rows: range, model=None, tokenizer=None, batch_size: int = 128) -> dict:
     """Features of rows `rows` of ds. An image that does not decode is marked ok=False with its error."""
     samples, errors = [], []
     for i in rows:
@@ -149,6 +232,7 @@ def chunk_features(ds, rows: range, model=None, tokenizer=None) -> dict:
            "source": [s["source"] if s else _where(ds, i) for s, i in zip(samples, rows)],
            "caption": [s["caption"] if s else "" for s in samples],
            "size": [s["image"].size if s else (0, 0) for s in samples],
+           "bytes": [_file_bytes(ds, i) for i in rows],
            "hash": [to_signed(next(hashes)) if s else 0 for s in samples]}
     if model is not None:
         device = next(model.parameters()).device
@@ -157,10 +241,18 @@ def chunk_features(ds, rows: range, model=None, tokenizer=None) -> dict:
         image_emb, text_emb = torch.zeros(len(samples), d), torch.zeros(len(samples), d)
         idx = [k for k, s in enumerate(samples) if s is not None]
         if idx:
-            image_emb[idx] = unicl.encode_images(model, [samples[k]["image"] for k in idx], transform).cpu()
+            image_emb[idx] = unicl.encode_images(model, [samples[k]["image"] for k in idx], transform, batch_size).cpu()
             text_emb[idx] = encode_texts(model, tokenizer, [samples[k]["caption"] for k in idx])
         out["image_emb"], out["text_emb"] = image_emb.half(), text_emb.half()
     return out
+
+
+def _file_bytes(ds, i: int) -> int:
+    """The encoded image's size: of two copies at the same resolution, the one with more bytes per pixel is the one
+    compressed less (a PNG over its JPEG re-encoding)."""
+    if isinstance(ds, data.TarShards):
+        return ds.items[i][4]
+    return os.path.getsize(ds.items[i][0]) if os.path.isfile(ds.items[i][0]) else 0
 
 
 def _where(ds, i: int) -> str:
@@ -168,12 +260,13 @@ def _where(ds, i: int) -> str:
     return item[2] if isinstance(ds, data.ImageTextFile) else f"{item[0]}:{item[1]}"
 
 
-def _fingerprint(cfg: CurateConfig, n_rows: int) -> dict:
-    ckpt = {}
-    if cfg.unicl_ckpt:
-        st = os.stat(cfg.unicl_ckpt)
-        ckpt = {"path": os.path.abspath(cfg.unicl_ckpt), "bytes": st.st_size, "mtime": st.st_mtime}
-    return {"data": cfg.data, "image_root": cfg.image_root, "rows": n_rows, "chunk": cfg.chunk, "unicl_ckpt": ckpt}
+def _fingerprint(cfg: CurateConfig, ds) -> dict:
+    """What the saved features depend on: the input files (path, size, modification time), the checkpoint, the
+    chunking. A rerun whose fingerprint differs starts over."""
+    files = sorted({item[0] for item in ds.items}) if isinstance(ds, data.TarShards) else [cfg.data]
+    files += [cfg.unicl_ckpt] if cfg.unicl_ckpt else []
+    stats = [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime] for p in files]
+    return {"files": stats, "image_root": cfg.image_root, "rows": len(ds), "chunk": cfg.chunk}
 
 
 def _save_atomic(obj, path: str):
@@ -185,7 +278,7 @@ def _save_atomic(obj, path: str):
 def compute_features(cfg: CurateConfig, ds, rank: int = 0, world: int = 1) -> list[dict]:
     """This process's chunks, computed or read back from OUT.parts/. Prints a progress line with an ETA."""
     parts, n = cfg.out.rstrip("/") + ".parts", len(ds)
-    meta_path, meta = os.path.join(parts, "meta.json"), _fingerprint(cfg, n)
+    meta_path, meta = os.path.join(parts, "meta.json"), _fingerprint(cfg, ds)
     if rank == 0:
         os.makedirs(parts, exist_ok=True)
         old = json.load(open(meta_path)) if os.path.isfile(meta_path) else None
@@ -206,7 +299,8 @@ def compute_features(cfg: CurateConfig, ds, rank: int = 0, world: int = 1) -> li
     todo_rows = sum(min(cfg.chunk, n - c * cfg.chunk) for c in todo)
     for c in todo:
         rows = range(c * cfg.chunk, min(n, (c + 1) * cfg.chunk))
-        _save_atomic(chunk_features(ds, rows, model, tokenizer), os.path.join(parts, f"chunk_{c:06d}.pt"))
+        features = chunk_features(ds, rows, model, tokenizer, cfg.batch_size)
+        _save_atomic(features, os.path.join(parts, f"chunk_{c:06d}.pt"))
         done_rows += len(rows)
         now = time.time()
         if rank == 0 and (now - last > 5 or done_rows == todo_rows):
@@ -225,6 +319,7 @@ def merge_features(chunks: list[dict]) -> dict:
     chunks = sorted(chunks, key=lambda ch: ch["rows"][0] if ch["rows"] else 0)
     out = {key: [v for ch in chunks for v in ch[key]] for key in ("rows", "ok", "error", "source", "caption")}
     out["size"] = np.array([s for ch in chunks for s in ch["size"]], dtype=np.int64).reshape(-1, 2)  # (N, 2) w, h
+    out["bytes"] = np.array([b for ch in chunks for b in ch["bytes"]], dtype=np.int64)
     out["hash"] = torch.tensor([h for ch in chunks for h in ch["hash"]], dtype=torch.int64)
     if chunks and "image_emb" in chunks[0]:
         for key in ("image_emb", "text_emb"):
@@ -235,8 +330,8 @@ def merge_features(chunks: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. The filters, in the order they apply; each sees only the rows the ones before it kept. Image rules, then text
 # rules, then duplicates (so a copy's text is not counted twice by the shared-text rule), then relevance last, so a
-# kept fraction is a fraction of the otherwise clean rows. Of a group of duplicates the largest image is kept (ties: the
-# first row), so a resized-down or cropped copy goes and its original stays.
+# kept fraction is a fraction of the otherwise clean rows. Of a group of duplicates the largest image is kept, at equal
+# sizes the larger file (compressed less), then the first row: a resized-down, cropped or JPEG'd copy goes.
 
 def near_duplicate_pairs(x: torch.Tensor, threshold: float, block: int = 4096):
     """x (N, D) rows; -> (i, j) pairs, i < j, whose dot product is >= threshold. Computed in (block, block) tiles, so
@@ -270,7 +365,7 @@ def decide(f: dict, cfg: CurateConfig) -> tuple[np.ndarray, list[dict], list[tup
     removed, table = [], [("unreadable image", n, int((~alive).sum()))]
     removed += [{"row": int(r), "source": f["source"][r], "filter": "unreadable image", "error": f["error"][r]}
                 for r in np.flatnonzero(~alive)]
-    w, h = f["size"][:, 0], f["size"][:, 1]
+    w, h, size = f["size"][:, 0], f["size"][:, 1], f["bytes"]
     words = np.array([len(c.split()) for c in f["caption"]])
 
     def drop(name, mask, details=lambda r: {}):
@@ -281,7 +376,7 @@ def decide(f: dict, cfg: CurateConfig) -> tuple[np.ndarray, list[dict], list[tup
         alive[mask] = False
 
     def dedup(name, x, threshold, detail):
-        rank = sorted(np.flatnonzero(alive), key=lambda r: (-int(w[r]) * int(h[r]), r))  # best first
+        rank = sorted(np.flatnonzero(alive), key=lambda r: (-int(w[r]) * int(h[r]), -int(size[r]), r))  # best first
         idx = torch.tensor(rank, dtype=torch.long)
         dups = greedy_duplicates(near_duplicate_pairs(x[idx], threshold), len(rank))
         of = {rank[j]: rank[i] for j, i in dups.items()}
@@ -509,6 +604,9 @@ def curate(cfg: CurateConfig) -> dict:
         print(f"{'filter':28s} {'seen':>8s} {'removed':>8s} {'kept':>8s}")
         for name, seen, gone in table:
             print(f"{name:28s} {seen:8d} {gone:8d} {seen - gone:8d}")
+        unreadable = bad_rows + [r["error"] for r in removed if r["filter"] == "unreadable image"]
+        if unreadable:
+            print(f"{len(unreadable)} rows could not be read, e.g.:\n  " + "\n  ".join(unreadable[:3]))
         print(f"wrote {cfg.out}: {len(keep_rows)} of {len(ds) + len(bad_rows)} rows; "
               f"removed rows in {cfg.out.rstrip('/')}.removed.jsonl")
         result = {"kept": keep_rows, "removed": removed, "table": table}
