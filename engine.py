@@ -3,8 +3,8 @@ The data side of Florence: curating web image-text pairs (Florence section 2.1).
 
 Florence starts from ~3B web image-text pairs and keeps 900M (FLD-900M) with filters "similar to ALIGN": hash-based
 near-duplicate removal, small-image removal and image-text relevance; identical texts share one UniCL label
-(unicl.text_label), so a text repeated over many images is kept, not dropped. This file applies those filters to any
-source the UniCL stage reads and writes what survives in the same format:
+(unicl.text_label), so a text repeated over many images can stay (`--max_share 0`) where ALIGN drops it. This file
+applies those filters to any source the UniCL stage reads and writes what survives in the same format:
 
     python engine.py curate --data pool/pool.jsonl --out pool/curated.jsonl [--unicl_ckpt out/ckpt.pt]
     torchrun --nproc_per_node=8 engine.py curate --data 'shards/*.tar' --out curated --unicl_ckpt ckpt.pt
@@ -16,6 +16,7 @@ It imports data.py, coswin.py and unicl.py; no stage file imports it.
 """
 import argparse
 import csv
+import datetime
 import functools
 import io
 import json
@@ -25,7 +26,7 @@ import shutil
 import sys
 import tarfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -134,8 +135,10 @@ def phashes(images) -> list[int]:
     by_shape = {}
     for i, g in enumerate(grey):
         by_shape.setdefault(g.shape, []).append(i)
-    for idx in by_shape.values():  # one batch per image size
-        small[idx] = resize_grey(np.stack([grey[i] for i in idx]))                                 # (b, 32, 32)
+    for shape, idx in by_shape.items():  # batches of one image size, at most 2^24 pixels (128 MB as float64)
+        step = max(1, (1 << 24) // (shape[0] * shape[1]))
+        for part in (idx[k:k + step] for k in range(0, len(idx), step)):
+            small[part] = resize_grey(np.stack([grey[i] for i in part]))                          # (b, 32, 32)
     low = along_last(along_last(small, DCT_ROWS).transpose(0, 2, 1), DCT_ROWS)  # (B, 8 x-freq, 8 y-freq): DCT of x, y
     low = low.transpose(0, 2, 1).reshape(len(grey), 64)                # (B, 64): row-major over (y-freq, x-freq)
     bits = low > np.median(low, axis=1, keepdims=True)                # (B, 64)
@@ -170,7 +173,7 @@ class CurateConfig:
     image_root: str = ""            # folder the image paths of a listing are relative to (default: its folder)
     unicl_ckpt: str = ""            # a train.py UniCL checkpoint: enables the embedding filters
     truth: str = ""                 # a data.py --pool truth file: score every filter against it
-    # filters (ALIGN's published rules as defaults; 0 turns a rule off)
+    # filters (ALIGN's published rules as defaults; 0 turns a rule off, -1 the hash rule, where 0 = exact copies)
     min_side: int = 200             # shorter image side, pixels
     max_aspect: float = 3.0         # longer side / shorter side
     min_words: int = 3              # words of the text
@@ -197,11 +200,6 @@ def load_unicl(path: str, device):
     return model.to(device).eval(), tokenizer
 
 
-def open_source(cfg: CurateConfig):
-    """The input dataset; bad rows are skipped and kept in ds.skipped, bad images read as None (never fatal)."""
-    return data.open_image_text(cfg.data, cfg.image_root or None, skip_bad=True)
-
-
 @torch.no_grad()
 def encode_texts(model, tokenizer, texts: list[str]) -> torch.Tensor:
     """Texts -> (N, D) embeddings, each read as the UniCL model was trained to read it: in stage one a short text only
@@ -221,7 +219,8 @@ def encode_texts(model, tokenizer, texts: list[str]) -> torch.Tensor:
 
 @torch.no_grad()
 def chunk_features(ds, rows: range, model=None, tokenizer=None, batch_size: int = 128) -> dict:
-    """Features of rows `rows` of ds. An image that does not decode is marked ok=False with its error."""
+    """Features of rows `rows` of ds. An image that does not decode is marked ok=False with its error (its message is
+    the one ds.skipped gains, which curate empties before any chunk)."""
     samples, errors = [], []
     for i in rows:
         samples.append(ds[i])
@@ -261,12 +260,14 @@ def _where(ds, i: int) -> str:
 
 
 def _fingerprint(cfg: CurateConfig, ds) -> dict:
-    """What the saved features depend on: the input files (path, size, modification time), the checkpoint, the
-    chunking. A rerun whose fingerprint differs starts over."""
+    """What the saved features depend on: the listing or shards (path, size, modification time), the checkpoint, the
+    chunking and where the embeddings are computed (fp16 rounding differs between devices). A rerun whose
+    fingerprint differs starts over; images edited in place behind an unchanged listing are not noticed."""
     files = sorted({item[0] for item in ds.items}) if isinstance(ds, data.TarShards) else [cfg.data]
     files += [cfg.unicl_ckpt] if cfg.unicl_ckpt else []
     stats = [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime] for p in files]
-    return {"files": stats, "image_root": cfg.image_root, "rows": len(ds), "chunk": cfg.chunk}
+    return {"files": stats, "image_root": cfg.image_root, "rows": len(ds), "chunk": cfg.chunk,
+            "device": cfg.device if cfg.unicl_ckpt else "", "batch_size": cfg.batch_size if cfg.unicl_ckpt else 0}
 
 
 def _save_atomic(obj, path: str):
@@ -281,17 +282,22 @@ def compute_features(cfg: CurateConfig, ds, rank: int = 0, world: int = 1) -> li
     meta_path, meta = os.path.join(parts, "meta.json"), _fingerprint(cfg, ds)
     if rank == 0:
         os.makedirs(parts, exist_ok=True)
-        old = json.load(open(meta_path)) if os.path.isfile(meta_path) else None
-        if old != meta:  # another input or checkpoint: the saved features do not apply
-            for name in os.listdir(parts):
+        try:
+            old = json.load(open(meta_path))
+        except (OSError, ValueError):
+            old = None
+        for name in os.listdir(parts):  # features of another input or model do not apply; a torn write never does
+            if old != meta or ".tmp" in name:
                 os.remove(os.path.join(parts, name))
-            with open(meta_path, "w") as f:
+        if old != meta:
+            with open(meta_path + ".tmp", "w") as f:
                 json.dump(meta, f)
+            os.replace(meta_path + ".tmp", meta_path)
     if world > 1:
         dist.barrier()
     model = tokenizer = None
     if cfg.unicl_ckpt:
-        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = cfg.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
         model, tokenizer = load_unicl(cfg.unicl_ckpt, device)
     mine = list(range(rank, math.ceil(n / cfg.chunk), world))
     todo = [c for c in mine if not os.path.isfile(os.path.join(parts, f"chunk_{c:06d}.pt"))]
@@ -328,9 +334,9 @@ def merge_features(chunks: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 3. The filters, in the order they apply; each sees only the rows the ones before it kept. Image rules, then text
-# rules, then duplicates (so a copy's text is not counted twice by the shared-text rule), then relevance last, so a
-# kept fraction is a fraction of the otherwise clean rows. Of a group of duplicates the largest image is kept, at equal
+# 3. The filters, in the order they apply; each sees only the rows the ones before it kept: size, aspect, word count,
+# duplicates, then shared text (so a copy's text is not counted twice), then relevance last (so a kept fraction is a
+# fraction of the otherwise clean rows). Of a group of duplicates the largest image is kept, at equal
 # sizes the larger file (compressed less), then the first row: a resized-down, cropped or JPEG'd copy goes.
 
 def near_duplicate_pairs(x: torch.Tensor, threshold: float, block: int = 4096):
@@ -375,11 +381,21 @@ def decide(f: dict, cfg: CurateConfig) -> tuple[np.ndarray, list[dict], list[tup
             removed.append({"row": int(r), "source": f["source"][r], "filter": name, **details(r)})
         alive[mask] = False
 
-    def dedup(name, x, threshold, detail):
-        rank = sorted(np.flatnonzero(alive), key=lambda r: (-int(w[r]) * int(h[r]), -int(size[r]), r))  # best first
-        idx = torch.tensor(rank, dtype=torch.long)
-        dups = greedy_duplicates(near_duplicate_pairs(x[idx], threshold), len(rank))
-        of = {rank[j]: rank[i] for j, i in dups.items()}
+    def dedup(name, x, threshold, detail, key=None):
+        order = sorted(np.flatnonzero(alive), key=lambda r: (-int(w[r]) * int(h[r]), -int(size[r]), r))  # best first
+        of, first = {}, {}
+        if key is not None:  # rows with the same key (an identical hash) go to the best of them at once
+            for r in order:
+                k = key[r]
+                of.update({r: first[k]} if k in first else {})
+                first.setdefault(k, r)
+            order = [r for r in order if r not in of]
+        idx = torch.tensor(order, dtype=torch.long)
+        dups = greedy_duplicates(near_duplicate_pairs(x[idx], threshold), len(order))
+        of.update({order[j]: order[i] for j, i in dups.items()})
+        for r in of:  # a row sent to its identical twin, which a better row then removed, goes to that row
+            while of[r] in of:
+                of[r] = of[of[r]]
         drop(name, np.isin(np.arange(n), list(of)), lambda r: {
             "duplicate_of": {"row": int(of[r]), "source": f["source"][of[r]]}, **detail(r, of[r])})
 
@@ -394,7 +410,8 @@ def decide(f: dict, cfg: CurateConfig) -> tuple[np.ndarray, list[dict], list[tup
     if cfg.hash_distance >= 0:
         bits = hash_bits(f["hash"])                                           # (N, 64) +-1
         drop_distance = lambda r, k: {"distance": int((HASH_BITS - bits[r] @ bits[k]).item() // 2)}
-        dedup("duplicate image (hash)", bits, HASH_BITS - 2 * cfg.hash_distance - 0.5, drop_distance)
+        dedup("duplicate image (hash)", bits, HASH_BITS - 2 * cfg.hash_distance - 0.5, drop_distance,
+              key=f["hash"].tolist())
     if cfg.embed_similarity and "image_emb" in f:
         u = F.normalize(f["image_emb"], dim=-1)                               # (N, D)
         dedup("duplicate image (embedding)", u, cfg.embed_similarity,
@@ -481,23 +498,27 @@ def write_listing(ds: data.ImageTextFile, keep_rows: list[int], cfg: CurateConfi
 
 
 def write_shards(ds: data.TarShards, keep_rows: list[int], cfg: CurateConfig):
+    """Every member of each kept sample (image, text and any others), in input order, SHARD_SAMPLES samples a shard."""
     keep = {(ds.items[r][0], ds.items[r][1]) for r in keep_rows}  # (shard, key)
     tmp = f"{cfg.out.rstrip('/')}.tmp{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
     written, out = 0, None
     for shard in dict.fromkeys(ds.items[r][0] for r in keep_rows):
         with tarfile.open(shard, "r:") as src:
+            samples = {}  # key -> its members, in the order the shard holds them
             for m in src:
                 folder, name = os.path.split(m.name)
-                if not m.isfile() or (shard, os.path.join(folder, name.partition(".")[0])) not in keep:
-                    continue
-                if name.partition(".")[2].lower() in ds.IMAGE_EXTS:  # one sample = one image member
-                    if written % SHARD_SAMPLES == 0:
-                        if out:
-                            out.close()
-                        out = tarfile.open(os.path.join(tmp, f"{written // SHARD_SAMPLES:06d}.tar"), "w")
-                    written += 1
-                out.addfile(m, src.extractfile(m))
+                key = os.path.join(folder, name.partition(".")[0])
+                if m.isfile() and (shard, key) in keep:
+                    samples.setdefault(key, []).append(m)
+            for members in samples.values():
+                if written % SHARD_SAMPLES == 0:
+                    if out:
+                        out.close()
+                    out = tarfile.open(os.path.join(tmp, f"{written // SHARD_SAMPLES:06d}.tar"), "w")
+                for m in members:
+                    out.addfile(m, src.extractfile(m))
+                written += 1
     if out:
         out.close()
     _replace(tmp, cfg.out.rstrip("/"))
@@ -532,7 +553,7 @@ def score(truth_path: str, removed: list[dict], n_rows: int) -> dict:
         return rec["filter"] if rec and rec.get("duplicate_of", {}).get("row") == t["row"] else None
 
     def stands_in(r):  # an original removed as its own copy's duplicate
-        return by_row[r].get("duplicate_of", {}).get("row") == copy_of.get(r)
+        return r in copy_of and by_row[r].get("duplicate_of", {}).get("row") == copy_of[r]
 
     kinds = {}
     for t in truth:
@@ -568,24 +589,46 @@ def print_score(s: dict):
 # 6. The command. One process, or torchrun: every process reads its chunks, process 0 gathers the features (never the
 # images), decides and writes; OUT is the same whatever the number of processes.
 
-def curate(cfg: CurateConfig) -> dict:
+def open_checked(cfg: CurateConfig):
+    """The input, after every check that can fail before hours of work: the flags, the checkpoint, and an OUT that
+    cannot overwrite what the run reads (the input, its shards, the checkpoint) or a folder of something else."""
+    def fail(message):
+        raise SystemExit(f"error: {message}")
+
     if not cfg.data or not cfg.out:
-        raise SystemExit("error: curate needs --data IN and --out OUT")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # only features (small tensors, lists) travel; gloo moves them on any machine
-    rank = dist.get_rank() if world > 1 else 0
+        fail("curate needs --data IN and --out OUT")
+    if cfg.chunk < 1 or cfg.batch_size < 1 or not 0 <= cfg.keep_fraction <= 1:
+        fail("--chunk and --batch_size must be >= 1, --keep_fraction in [0, 1]")
     try:
-        ds = open_source(cfg)
+        ds = data.open_image_text(cfg.data, cfg.image_root or None, skip_bad=True)  # bad rows: ds.skipped
         if cfg.unicl_ckpt:
             coswin.read_checkpoint(cfg.unicl_ckpt, "--unicl_ckpt", "unicl")
     except (data.DataError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(e)
+    out = os.path.abspath(cfg.out.rstrip("/"))
+    read = [cfg.data] if isinstance(ds, data.ImageTextFile) else sorted({item[0] for item in ds.items})
+    for path in read + ([cfg.unicl_ckpt] if cfg.unicl_ckpt else []):
+        if os.path.abspath(path) == out or os.path.abspath(path).startswith(out + os.sep):
+            fail(f"--out {cfg.out!r} would overwrite {path!r}, which this run reads")
     ext = os.path.splitext(cfg.data)[1].lower()
-    if isinstance(ds, data.ImageTextFile) and os.path.splitext(cfg.out)[1].lower() != ext:
-        raise SystemExit(f"error: --out {cfg.out!r}: the input is a {ext} file, so OUT must be one too")
-    if isinstance(ds, data.TarShards) and os.path.splitext(cfg.out)[1]:
-        raise SystemExit(f"error: --out {cfg.out!r}: the input is tar shards, so OUT is a folder to write them to")
+    if isinstance(ds, data.ImageTextFile) and os.path.splitext(out)[1].lower() != ext:
+        fail(f"--out {cfg.out!r}: the input is a {ext} file, so OUT must be one too")
+    if isinstance(ds, data.TarShards):
+        if os.path.splitext(out)[1].lower() in (".tar", *data.ImageTextFile.FORMATS):
+            fail(f"--out {cfg.out!r}: the input is tar shards, so OUT is a folder to write them to")
+        if os.path.isdir(out) and any(not (n.endswith(".tar") and n[:-4].isdigit()) for n in os.listdir(out)):
+            fail(f"--out {cfg.out!r} is a folder holding other files than curated shards: name another")
+    return ds
+
+
+def curate(cfg: CurateConfig) -> dict:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        # only features (small tensors, lists) travel, and gloo moves them on any machine; the processes wait for each
+        # other while the slowest computes its chunks and while process 0 writes OUT: hours at scale, hence the timeout
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=2))
+    rank = dist.get_rank() if world > 1 else 0
+    ds = open_checked(cfg)
     bad_rows = list(ds.skipped)
     ds.skipped.clear()
     chunks = compute_features(cfg, ds, rank, world)

@@ -59,7 +59,7 @@ def main():
         rows = photo_pool(folder)
         photos = sorted({p for p, _ in rows})
         print(f"{len(photos)} pictures x 6 rows (the original and {len(KINDS)} copies)")
-        loose = dict(min_side=0, max_aspect=0, min_words=0, max_words=0, max_share=0)
+        loose = dict(min_side=0, max_aspect=0, min_words=0, max_words=0, max_share=0, min_relevance=0)
         runs = [("pHash", {})]
         if args.unicl_ckpt:
             runs.append(("pHash + embedding", dict(unicl_ckpt=args.unicl_ckpt, embed_similarity=args.embed_similarity)))

@@ -83,8 +83,7 @@ def test_each_filter_removes_what_its_rule_names():
     assert by == {1: "small image", 2: "aspect ratio", 3: "word count", 4: "word count", 5: "shared text",
                   6: "shared text", 7: "shared text", 9: "unreadable image"}
     assert keep.tolist() == [True, False, False, False, False, False, False, False, True, False]
-    assert [t[0] for t in table][:3] == ["unreadable image", "small image", "aspect ratio"]
-    assert all(seen - gone >= 0 for _, seen, gone in table)
+    assert [t[:2] for t in table][:3] == [("unreadable image", 10), ("small image", 9), ("aspect ratio", 8)]
 
 
 def test_duplicates_keep_the_largest_image_and_name_it():
@@ -118,6 +117,22 @@ def test_relevance_by_threshold_and_by_kept_fraction():
     cfg = engine.CurateConfig(max_share=0, keep_fraction=0.5)
     keep, removed, _ = engine.decide(f, cfg)
     assert keep.tolist() == [True, False, False, True] and removed[0]["similarity"] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_scoring_counts_every_clean_row_lost(tmp_path):
+    """Against a truth file: a clean row removed by any filter is lost, unless it is an original removed in its own
+    copy's place; a planted copy is found when it, or its original in its place, goes."""
+    truth = [{"row": 0, "kind": "clean", "of": None}, {"row": 1, "kind": "clean", "of": None},
+             {"row": 2, "kind": "duplicate_exact", "of": 1}, {"row": 3, "kind": "tiny", "of": None},
+             {"row": 4, "kind": "clean", "of": None}, {"row": 5, "kind": "duplicate_jpeg", "of": 4}]
+    path = tmp_path / "truth.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in truth))
+    removed = [{"row": 0, "filter": "small image"}, {"row": 1, "filter": "hash", "duplicate_of": {"row": 2}},
+               {"row": 3, "filter": "small image"}]
+    s = engine.score(str(path), removed, 6)
+    assert s["kinds"]["clean"]["removed"] == 1 and s["kinds"]["duplicate_exact"]["removed"] == 1
+    assert s["kinds"]["tiny"]["removed"] == 1 and s["kinds"]["duplicate_jpeg"]["removed"] == 0
+    assert s["filters"]["small image"] == {"removed": 2, "planted": 1} and s["filters"]["hash"]["planted"] == 1
 
 
 def make_listing(folder, n=40, ext=".jsonl"):
@@ -176,23 +191,30 @@ def test_curate_writes_the_same_format_and_a_removed_list(tmp_path, ext, capsys)
     assert result["table"][0] == ("bad row", 43 + bad, bad)
 
 
-def test_tar_shards_in_tar_shards_out(tmp_path):
+def test_tar_shards_in_tar_shards_out(tmp_path, monkeypatch):
     ds = data.ShapesWorld("train", 64, n=12, max_objects=2, ocr_prob=0.0)
     with tarfile.open(tmp_path / "a.tar", "w") as tar:
         for k, i in enumerate(list(range(12)) + [4]):  # sample 12 repeats sample 4's image
             buf = io.BytesIO()
             ds[i]["image"].save(buf, "PNG")
-            for name, payload in ((f"k{k}.png", buf.getvalue()), (f"k{k}.txt", ds[i]["caption"].encode()),
-                                  (f"k{k}.json", json.dumps({"k": k}).encode())):
+            members = [(f"k{k}.png", buf.getvalue()), (f"k{k}.txt", ds[i]["caption"].encode()),
+                       (f"k{k}.json", json.dumps({"k": k}).encode())]
+            for name, payload in members[::-1] if k % 2 else members:  # the image first or last
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
     out = tmp_path / "curated"
+    monkeypatch.setattr(engine, "SHARD_SAMPLES", 5)
     curate(data=str(tmp_path / "a.tar"), out=str(out), max_share=0, min_words=0, max_words=0)
     kept = data.TarShards(str(out / "*.tar"))
-    assert len(kept) == 12
-    with tarfile.open(glob.glob(str(out / "*.tar"))[0]) as tar:
-        assert "k0.json" in tar.getnames() and "k12.png" not in tar.getnames()
+    assert len(kept) == 12 and len(glob.glob(str(out / "*.tar"))) == 3  # 5 + 5 + 2 samples
+    names = []
+    for path in sorted(glob.glob(str(out / "*.tar"))):
+        with tarfile.open(path) as tar:
+            shard = tar.getnames()
+        assert len({n.split(".")[0] for n in shard}) * 3 == len(shard)  # every sample whole in one shard
+        names += shard
+    assert "k0.json" in names and "k12.png" not in names
 
 
 def run_curate(args, nproc=1):
@@ -254,6 +276,10 @@ def test_bad_input_is_named(tmp_path):
     assert r.returncode != 0 and "OUT must be one too" in r.stderr and "Traceback" not in r.stderr
     r = run_curate([f"--data={src}", f"--out={tmp_path / 'o.jsonl'}", f"--unicl_ckpt={tmp_path / 'no.pt'}"])
     assert r.returncode != 0 and "--unicl_ckpt" in r.stderr and "Traceback" not in r.stderr
+    for args, says in (([f"--out={src}"], "would overwrite"), ([f"--out={tmp_path / 'o.jsonl'}", "--keep_fraction=2"],
+                                                                 "--keep_fraction")):
+        r = run_curate([f"--data={src}", *args])
+        assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_a_planted_pool_is_cleaned_without_a_model(tmp_path):
