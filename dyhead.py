@@ -1046,16 +1046,6 @@ def detections_for(coco_gt: dict, labelled: dict, gt_root=".", labelled_root="."
 # with some of its surroundings and resized to the image tower's input, is matched against the text embeddings of
 # every class name. The detector never sees a class name; the label set is chosen at test time.
 
-def load_unicl(path):
-    """A train.py UniCL checkpoint -> (model in eval mode, tokenizer, its UniCLConfig)."""
-    ckpt = coswin.read_checkpoint(path, "--unicl_ckpt", "unicl")
-    cfg = unicl.UniCLConfig(**ckpt["stage_config"])
-    tokenizer = unicl.build_vocab(cfg)
-    model = unicl.build_model(cfg, tokenizer)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), tokenizer, cfg
-
-
 def region_crops(image, boxes, size, context=2.0):
     """Square crops of side context x the box's longer side around each box's centre (zero-padded where they leave
     the image), resized to size x size: the Shapes-world UniCL tower learnt from images where a shape fills about
@@ -1101,7 +1091,7 @@ def zero_shot_metrics(detector, cfg: DetConfig, samples):
     """COCO AP of zero-shot detection on Shapes-world samples, with the 6 shape names and with the 36 colour-shape
     names as the label sets, on all val images and apart on those that hold a colour-shape pair held out of
     UniCL's training (naming them is zero-shot composition)."""
-    unicl_model, tokenizer, unicl_cfg = load_unicl(cfg.unicl_ckpt)
+    unicl_model, tokenizer, unicl_cfg = unicl.load_unicl(cfg.unicl_ckpt)
     pairs = data.compositions()
     # a shape is named through its colour-shape names (prompt ensembling over the world's colour words): the toy's
     # captions never name a shape without its colour, and "a photo of a small circle." alone embeds poorly

@@ -191,15 +191,6 @@ class CurateConfig:
     device: str = ""                # "" = cuda if available else cpu
 
 
-def load_unicl(path: str, device):
-    ckpt = coswin.read_checkpoint(path, "--unicl_ckpt", "unicl")
-    cfg = unicl.UniCLConfig(**ckpt["stage_config"])
-    tokenizer = unicl.build_vocab(cfg)
-    model = unicl.build_model(cfg, tokenizer)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), tokenizer
-
-
 @torch.no_grad()
 def encode_texts(model, tokenizer, texts: list[str]) -> torch.Tensor:
     """Texts -> (N, D) embeddings, each read as the UniCL model was trained to read it: in stage one a short text only
@@ -298,7 +289,8 @@ def compute_features(cfg: CurateConfig, ds, rank: int = 0, world: int = 1) -> li
     model = tokenizer = None
     if cfg.unicl_ckpt:
         device = cfg.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-        model, tokenizer = load_unicl(cfg.unicl_ckpt, device)
+        model, tokenizer, _ = unicl.load_unicl(cfg.unicl_ckpt)
+        model = model.to(device)
     mine = list(range(rank, math.ceil(n / cfg.chunk), world))
     todo = [c for c in mine if not os.path.isfile(os.path.join(parts, f"chunk_{c:06d}.pt"))]
     start, done_rows, last = time.time(), 0, 0.0
@@ -396,7 +388,9 @@ def decide(f: dict, cfg: CurateConfig) -> tuple[np.ndarray, list[dict], list[tup
         for r in of:  # a row sent to its identical twin, which a better row then removed, goes to that row
             while of[r] in of:
                 of[r] = of[of[r]]
-        drop(name, np.isin(np.arange(n), list(of)), lambda r: {
+        duplicate = np.zeros(n, dtype=bool)
+        duplicate[list(of)] = True
+        drop(name, duplicate, lambda r: {
             "duplicate_of": {"row": int(of[r]), "source": f["source"][of[r]]}, **detail(r, of[r])})
 
     if cfg.min_side:
@@ -575,11 +569,10 @@ def score(truth_path: str, removed: list[dict], n_rows: int) -> dict:
 
 def print_score(s: dict):
     print(f"{'planted kind':24s} {'rows':>6s} {'removed':>8s} {'recall':>7s}  by")
-    for name, k in s["kinds"].items():
-        share = "clean removed" if name == "clean" else "recall"
+    for name, k in s["kinds"].items():  # for the clean rows, the "recall" is the share lost
         by = ", ".join(f"{f} {c}" for f, c in sorted(k["by"].items(), key=lambda kv: -kv[1]))
         print(f"{name:24s} {k['rows']:6d} {k['removed']:8d} {k['removed'] / max(k['rows'], 1):7.3f}  "
-              f"{'(' + share + ') ' if name == 'clean' else ''}{by}")
+              f"{'(clean removed) ' if name == 'clean' else ''}{by}")
     print(f"{'filter':28s} {'removed':>8s} {'planted':>8s} {'precision':>9s}")
     for name, fl in s["filters"].items():
         print(f"{name:28s} {fl['removed']:8d} {fl['planted']:8d} {fl['planted'] / max(fl['removed'], 1):9.3f}")

@@ -289,6 +289,17 @@ def retrieval_recall(image_features, text_features, image_labels, text_labels, k
     return out
 
 
+def load_unicl(path, flag="--unicl_ckpt"):
+    """A train.py UniCL checkpoint -> (model in eval mode, tokenizer, its UniCLConfig): the model that names
+    detector boxes (dyhead.py) and scores image-text pairs for curation (engine.py)."""
+    ckpt = coswin.read_checkpoint(path, flag, "unicl")
+    cfg = UniCLConfig(**ckpt["stage_config"])
+    tokenizer = data.get_tokenizer(cfg.tokenizer)
+    model = UniCL(cfg, tokenizer.n_vocab)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), tokenizer, cfg
+
+
 # -----------------------------------------------------------------------------
 # The stage protocol that train.py drives.
 

@@ -76,7 +76,7 @@ def main():
            larger_is_closer=False)
 
     if args.unicl_ckpt:
-        model, _ = engine.load_unicl(args.unicl_ckpt, "cpu")
+        model, _ = unicl.load_unicl(args.unicl_ckpt)[:2]
         tf = data.ImageTransform(model.cfg.img_size, train=False)
         emb = lambda ims: F.normalize(unicl.encode_images(model, ims, tf), dim=-1)
         ec, eo, ee = emb(crop_images), emb(originals), emb(clean_images)

@@ -42,7 +42,7 @@ def main():
         print(f"  --min_relevance {t}: moved captions found {(sim[kind == 'moved_caption'] < t).mean():.3f}, "
               f"boilerplate {(sim[kind == 'boilerplate'] < t).mean():.3f}, clean lost {(sim[kind == 'clean'] < t).mean():.4f}")
 
-    model, tokenizer = engine.load_unicl(args.unicl_ckpt, "cpu")
+    model, tokenizer = unicl.load_unicl(args.unicl_ckpt)[:2]
     texts = sorted(set(f["caption"]))
     own = torch.tensor([texts.index(c) for c in f["caption"]])
     clean = torch.tensor(kind == "clean")

@@ -29,6 +29,7 @@ import data
 import dyhead
 import test_train  # one_and_two_processes: train.py in 1 and 2 processes
 import train
+import unicl
 from dyhead import (COCO_STATS, FPN, ATSSHead, DyHeadBlock, DynamicHead, DyReLU, anchors, atss_assign, atss_losses,
                     batched_nms, centerness_targets, coco_eval, decode, deform_conv2d, encode, giou_loss,
                     hard_sigmoid, nms, postprocess, read_coco, sigmoid_focal_loss, write_coco_results)
@@ -1097,4 +1098,4 @@ def test_zero_shot_detection_runs_end_to_end(tmp_path):
             for k in ("AP", "AP50"):
                 assert -1 <= metrics[f"zeroshot_{name}{part}_{k}"] <= 1, metrics
     with pytest.raises(ValueError, match="not a train.py checkpoint of the unicl stage"):
-        dyhead.load_unicl(str(tmp_path / "d" / "ckpt.pt"))
+        unicl.load_unicl(str(tmp_path / "d" / "ckpt.pt"))
