@@ -250,7 +250,7 @@ def _where(ds, i: int) -> str:
     return item[2] if isinstance(ds, data.ImageTextFile) else f"{item[0]}:{item[1]}"
 
 
-def _fingerprint(cfg: CurateConfig, ds) -> dict:
+def _fingerprint(cfg: CurateConfig, ds, device: str) -> dict:
     """What the saved features depend on: the listing or shards (path, size, modification time), the checkpoint, the
     chunking and where the embeddings are computed (fp16 rounding differs between devices). A rerun whose
     fingerprint differs starts over; images edited in place behind an unchanged listing are not noticed."""
@@ -258,7 +258,7 @@ def _fingerprint(cfg: CurateConfig, ds) -> dict:
     files += [cfg.unicl_ckpt] if cfg.unicl_ckpt else []
     stats = [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime] for p in files]
     return {"files": stats, "image_root": cfg.image_root, "rows": len(ds), "chunk": cfg.chunk,
-            "device": cfg.device if cfg.unicl_ckpt else "", "batch_size": cfg.batch_size if cfg.unicl_ckpt else 0}
+            "device": device if cfg.unicl_ckpt else "", "batch_size": cfg.batch_size if cfg.unicl_ckpt else 0}
 
 
 def _save_atomic(obj, path: str):
@@ -270,7 +270,8 @@ def _save_atomic(obj, path: str):
 def compute_features(cfg: CurateConfig, ds, rank: int = 0, world: int = 1) -> list[dict]:
     """This process's chunks, computed or read back from OUT.parts/. Prints a progress line with an ETA."""
     parts, n = cfg.out.rstrip("/") + ".parts", len(ds)
-    meta_path, meta = os.path.join(parts, "meta.json"), _fingerprint(cfg, ds)
+    device = cfg.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    meta_path, meta = os.path.join(parts, "meta.json"), _fingerprint(cfg, ds, device.split(":")[0])
     if rank == 0:
         os.makedirs(parts, exist_ok=True)
         try:
@@ -288,7 +289,6 @@ def compute_features(cfg: CurateConfig, ds, rank: int = 0, world: int = 1) -> li
         dist.barrier()
     model = tokenizer = None
     if cfg.unicl_ckpt:
-        device = cfg.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
         model, tokenizer, _ = unicl.load_unicl(cfg.unicl_ckpt)
         model = model.to(device)
     mine = list(range(rank, math.ceil(n / cfg.chunk), world))
