@@ -602,6 +602,10 @@ class ImageTextFile:
     def __len__(self) -> int:
         return len(self.items)
 
+    def source(self, index: int) -> str:
+        """Where sample `index` comes from: "file:line"."""
+        return self.items[index][2]
+
     def __getitem__(self, index: int) -> dict | None:
         path, caption, where = self.items[index]
         image = _image_or_skip(self, path, f"{where}: field '{self.image_field}'")
@@ -672,13 +676,18 @@ class TarShards:
     def __len__(self) -> int:
         return len(self.items)
 
+    def source(self, index: int) -> str:
+        """Where sample `index` comes from: "shard:key"."""
+        shard, key = self.items[index][:2]
+        return f"{shard}:{key}"
+
     def __getitem__(self, index: int) -> dict | None:
         shard, key, ext, offset, size, caption = self.items[index]
         with open(shard, "rb") as f:
             f.seek(offset)
             data = f.read(size)
-        image = _image_or_skip(self, data, f"{shard}:{key}: field '{ext}'")
-        return None if image is None else {"image": image, "caption": caption, "source": f"{shard}:{key}"}
+        image = _image_or_skip(self, data, f"{self.source(index)}: field '{ext}'")
+        return None if image is None else {"image": image, "caption": caption, "source": self.source(index)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1049,9 +1058,9 @@ def write_pool(folder, n: int, noise: float, seed: int = 0, size: int = 64, ligh
     world = ShapesWorld("train", size=size, n=max(1, fresh), seed=seed, min_objects=1, max_objects=1, ocr_prob=0.0)
     small = {}  # side -> ShapesWorld for the tiny rows
 
-    def clean(row: int, index: int) -> tuple[Image.Image, dict]:
+    def clean(row: int, index: int, shapes: ShapesWorld = world) -> tuple[Image.Image, dict]:
         # a row's own light rng, so a duplicate re-renders its original's pixels exactly
-        sample = world[index]
+        sample = shapes[index]
         return _illuminate(sample["image"], _rng("pool-light", seed, "pool", row), light), sample
 
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
@@ -1076,8 +1085,7 @@ def write_pool(folder, n: int, noise: float, seed: int = 0, size: int = 64, ligh
             if side not in small:
                 small[side] = ShapesWorld("train", size=side, n=max(1, fresh), seed=seed, min_objects=1,
                                           max_objects=1, ocr_prob=0.0)
-            sample = small[side][index]
-            image = _illuminate(sample["image"], _rng("pool-light", seed, "pool", row), light)
+            image, sample = clean(row, index, small[side])
             caption, true = sample["caption"], _class(sample)
         else:
             image, sample = clean(row, index)

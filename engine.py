@@ -12,7 +12,7 @@ applies those filters to any source the UniCL stage reads and writes what surviv
 Read top to bottom: the 64-bit perceptual hash -> per-row features (size, hash, UniCL embeddings), computed in
 chunks that are saved as they finish and split over processes -> the filters, decided globally -> writing OUT and
 OUT.removed.jsonl -> scoring the filters against a planted pool's truth file (data.py --pool) -> the command line.
-It imports data.py, coswin.py and unicl.py; no stage file imports it.
+It imports data.py and unicl.py; no stage file imports it.
 """
 import argparse
 import csv
@@ -34,7 +34,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-import coswin
 import data
 import unicl
 
@@ -197,12 +196,12 @@ def encode_texts(model, tokenizer, texts: list[str]) -> torch.Tensor:
     ever appears inside a prompt template (unicl.augment_text), so it is embedded as the mean over the templates, as
     zero-shot class names are (CLIP's prompt ensemble); a longer text as itself."""
     cfg, device = model.cfg, next(model.parameters()).device
-    short = lambda t: cfg.unicl_stage == 1 and len(t.split()) <= cfg.template_max_words
-    prompts = [p for t in texts for p in ([tpl.format(t) for tpl in unicl.TEMPLATES] if short(t) else [t])]
+    short = [unicl.templated(t, cfg) for t in texts]
+    prompts = [p for t, s in zip(texts, short) for p in ([tpl.format(t) for tpl in unicl.TEMPLATES] if s else [t])]
     tokens, eot = unicl.tokenize(tokenizer, prompts, cfg.context_length)
     emb = torch.cat([model.encode_text(tokens[i:i + 512].to(device), eot[i:i + 512].to(device)).float().cpu()
                      for i in range(0, len(prompts), 512)])                      # (P, D)
-    sizes = torch.tensor([len(unicl.TEMPLATES) if short(t) else 1 for t in texts])
+    sizes = torch.tensor([len(unicl.TEMPLATES) if s else 1 for s in short])
     owner = torch.repeat_interleave(torch.arange(len(texts)), sizes)             # (P,) the text of each prompt
     mean = torch.zeros(len(texts), emb.shape[1]).index_add_(0, owner, emb) / sizes[:, None]
     return F.normalize(mean, dim=-1)                                             # (N, D)
@@ -219,7 +218,7 @@ def chunk_features(ds, rows: range, model=None, tokenizer=None, batch_size: int 
     good = [s for s in samples if s is not None]
     hashes = iter(phashes([s["image"] for s in good]))
     out = {"rows": list(rows), "ok": [s is not None for s in samples], "error": errors,
-           "source": [s["source"] if s else _where(ds, i) for s, i in zip(samples, rows)],
+           "source": [ds.source(i) for i in rows],
            "caption": [s["caption"] if s else "" for s in samples],
            "size": [s["image"].size if s else (0, 0) for s in samples],
            "bytes": [_file_bytes(ds, i) for i in rows],
@@ -245,11 +244,6 @@ def _file_bytes(ds, i: int) -> int:
     return os.path.getsize(ds.items[i][0]) if os.path.isfile(ds.items[i][0]) else 0
 
 
-def _where(ds, i: int) -> str:
-    item = ds.items[i]
-    return item[2] if isinstance(ds, data.ImageTextFile) else f"{item[0]}:{item[1]}"
-
-
 def _fingerprint(cfg: CurateConfig, ds, device: str) -> dict:
     """What the saved features depend on: the listing or shards (path, size, modification time), the checkpoint, the
     chunking and where the embeddings are computed (fp16 rounding differs between devices). A rerun whose
@@ -267,8 +261,9 @@ def _save_atomic(obj, path: str):
     os.replace(tmp, path)  # a kill leaves the old file or the new one, never half of one
 
 
-def compute_features(cfg: CurateConfig, ds, rank: int = 0, world: int = 1) -> list[dict]:
-    """This process's chunks, computed or read back from OUT.parts/. Prints a progress line with an ETA."""
+def compute_features(cfg: CurateConfig, ds, model=None, tokenizer=None, rank: int = 0, world: int = 1) -> list[dict]:
+    """This process's chunks, computed or read back from OUT.parts/ (with the UniCL model, if given, on this process's
+    device). Prints a progress line with an ETA."""
     parts, n = cfg.out.rstrip("/") + ".parts", len(ds)
     device = cfg.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     meta_path, meta = os.path.join(parts, "meta.json"), _fingerprint(cfg, ds, device.split(":")[0])
@@ -287,10 +282,7 @@ def compute_features(cfg: CurateConfig, ds, rank: int = 0, world: int = 1) -> li
             os.replace(meta_path + ".tmp", meta_path)
     if world > 1:
         dist.barrier()
-    model = tokenizer = None
-    if cfg.unicl_ckpt:
-        model, tokenizer, _ = unicl.load_unicl(cfg.unicl_ckpt)
-        model = model.to(device)
+    model = model.to(device) if model is not None else None
     mine = list(range(rank, math.ceil(n / cfg.chunk), world))
     todo = [c for c in mine if not os.path.isfile(os.path.join(parts, f"chunk_{c:06d}.pt"))]
     start, done_rows, last = time.time(), 0, 0.0
@@ -378,9 +370,10 @@ def decide(f: dict, cfg: CurateConfig) -> tuple[np.ndarray, list[dict], list[tup
         of, first = {}, {}
         if key is not None:  # rows with the same key (an identical hash) go to the best of them at once
             for r in order:
-                k = key[r]
-                of.update({r: first[k]} if k in first else {})
-                first.setdefault(k, r)
+                if key[r] in first:
+                    of[r] = first[key[r]]
+                else:
+                    first[key[r]] = r
             order = [r for r in order if r not in of]
         idx = torch.tensor(order, dtype=torch.long)
         dups = greedy_duplicates(near_duplicate_pairs(x[idx], threshold), len(order))
@@ -582,9 +575,10 @@ def print_score(s: dict):
 # 6. The command. One process, or torchrun: every process reads its chunks, process 0 gathers the features (never the
 # images), decides and writes; OUT is the same whatever the number of processes.
 
-def open_checked(cfg: CurateConfig):
-    """The input, after every check that can fail before hours of work: the flags, the checkpoint, and an OUT that
-    cannot overwrite what the run reads (the input, its shards, the checkpoint) or a folder of something else."""
+def open_inputs(cfg: CurateConfig):
+    """-> (the input dataset, the UniCL model and tokenizer or None, None), after every check that can fail before
+    hours of work: the flags, the checkpoint, and an OUT that cannot overwrite what the run reads (the input, its
+    shards, the checkpoint) or a folder of something else."""
     def fail(message):
         raise SystemExit(f"error: {message}")
 
@@ -592,10 +586,11 @@ def open_checked(cfg: CurateConfig):
         fail("curate needs --data IN and --out OUT")
     if cfg.chunk < 1 or cfg.batch_size < 1 or not 0 <= cfg.keep_fraction <= 1:
         fail("--chunk and --batch_size must be >= 1, --keep_fraction in [0, 1]")
+    model = tokenizer = None
     try:
         ds = data.open_image_text(cfg.data, cfg.image_root or None, skip_bad=True)  # bad rows: ds.skipped
         if cfg.unicl_ckpt:
-            coswin.read_checkpoint(cfg.unicl_ckpt, "--unicl_ckpt", "unicl")
+            model, tokenizer, _ = unicl.load_unicl(cfg.unicl_ckpt)
     except (data.DataError, FileNotFoundError, ValueError) as e:
         fail(e)
     out = os.path.abspath(cfg.out.rstrip("/"))
@@ -611,7 +606,7 @@ def open_checked(cfg: CurateConfig):
             fail(f"--out {cfg.out!r}: the input is tar shards, so OUT is a folder to write them to")
         if os.path.isdir(out) and any(not (n.endswith(".tar") and n[:-4].isdigit()) for n in os.listdir(out)):
             fail(f"--out {cfg.out!r} is a folder holding other files than curated shards: name another")
-    return ds
+    return ds, model, tokenizer
 
 
 def curate(cfg: CurateConfig) -> dict:
@@ -621,10 +616,10 @@ def curate(cfg: CurateConfig) -> dict:
         # other while the slowest computes its chunks and while process 0 writes OUT: hours at scale, hence the timeout
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=2))
     rank = dist.get_rank() if world > 1 else 0
-    ds = open_checked(cfg)
+    ds, model, tokenizer = open_inputs(cfg)
     bad_rows = list(ds.skipped)
     ds.skipped.clear()
-    chunks = compute_features(cfg, ds, rank, world)
+    chunks = compute_features(cfg, ds, model, tokenizer, rank, world)
     if world > 1:
         gathered = [None] * world if rank == 0 else None
         dist.gather_object(chunks, gathered, dst=0)

@@ -173,9 +173,14 @@ def text_label(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
+def templated(text: str, cfg: UniCLConfig) -> bool:
+    """Whether training shows this text only inside a prompt template: a short text in stage one."""
+    return cfg.unicl_stage == 1 and len(text.split()) <= cfg.template_max_words
+
+
 def augment_text(text: str, cfg: UniCLConfig, rng: random.Random | None) -> str:
     """Stage one wraps short texts in a random template; stage two and evaluation leave texts as they are."""
-    if rng is None or cfg.unicl_stage != 1 or len(text.split()) > cfg.template_max_words:
+    if rng is None or not templated(text, cfg):
         return text
     return rng.choice(TEMPLATES).format(text)
 
